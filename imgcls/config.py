@@ -1,0 +1,321 @@
+"""Typed settings: dataclass defaults, then a YAML file, then `key=value` overrides.
+
+Settings are grouped in sections (data, aug, model, optim, run). Every field name is unique
+across sections, so users write the bare key (`lr=0.1`) or the dotted one (`optim.lr=0.1`),
+and YAML files may be flat or nested. Unknown keys and values of the wrong type are errors
+that say what to fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgcls.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 64  # px, side of the square image the model sees
+    cache_size: int = 0  # px, side of the decoded cache; 0 = image_size
+    resize: str = "squash"  # how a photo becomes square in the cache: squash | center_crop
+    val_fraction: float = 0.0  # >0: re-split train:val with this held-out fraction (stratified)
+    strict: bool = False  # true: an unreadable training image is an error instead of a skip
+    cache_dir: str = ""  # "" = $IMGCLS_CACHE or ~/.cache/imgcls
+    decode_workers: int = 0  # processes decoding the cache; 0 = all cores
+
+
+@dataclass
+class AugConfig:
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # random-resized-crop area fraction
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
+    hflip: float = 0.5  # probability of a horizontal flip
+    rotate: float = 0.0  # degrees, uniform in [-rotate, rotate]
+    translate: float = 0.0  # fraction of the side, uniform shift with reflect padding
+    brightness: float = 0.0  # colour jitter strengths, as in torchvision ColorJitter
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    grayscale: float = 0.0  # probability of converting to greyscale
+    policy: str = "none"  # none | randaugment | trivialaugment
+    policy_ops: int = 2  # RandAugment: ops per image
+    policy_magnitude: int = 9  # RandAugment: magnitude 0..30
+    erasing: float = 0.0  # probability of random erasing (cutout) per image
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) for mixup; 0 = off
+    cutmix_alpha: float = 0.0  # Beta(alpha, alpha) for cutmix; 0 = off
+    mix_prob: float = 1.0  # probability that a batch (or sample) is mixed
+    mix_mode: str = "batch"  # batch | sample: one lambda per batch or per sample
+    mix_off_epochs: int = 0  # switch mixing off for the last N epochs
+
+
+@dataclass
+class ModelConfig:
+    model: str = "resnet18s"  # a registered name (`imgcls models`) or timm:<name>
+    width: int = 0  # channels of the first stage of a built-in model; 0 = the model's default
+    dropout: float = 0.0  # before the classifier
+    init: str = ""  # path to initial weights (.safetensors); recorded with its sha256
+    pretrained: str = "off"  # off | forbid (forbid also refuses init=)
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.2  # peak learning rate per 512 images of global batch (scaled linearly)
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    nesterov: bool = True
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak
+    label_smoothing: float = 0.1
+    focal_gamma: float = 0.0  # >0: focal loss (works with soft targets)
+    accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    ema: float = 0.0  # EMA decay per optimizer step (e.g. 0.999); 0 = off
+
+
+@dataclass
+class RunConfig:
+    epochs: int = 10
+    batch_size: int = 256  # global batch, independent of the number of ranks
+    eval_batch_size: int = 512
+    seed: int = 0
+    seeds: tuple[int, ...] = ()  # repeats: train once per seed and summarize
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "auto"  # auto | bf16 | off (auto: bf16 on cuda, off on cpu)
+    channels_last: str = "auto"  # auto | true | false (auto: on when amp is on)
+    compile: bool = False  # torch.compile the model
+    deterministic: bool = False
+    data_on_device: str = "auto"  # auto | true | false: keep the whole cache on the GPU
+    time_limit: str = ""  # e.g. 11h30m: stop cleanly before this wall time
+    checkpoint_minutes: float = 0.0  # also checkpoint mid-epoch this often; 0 = epoch ends only
+    resume: str = ""  # run directory to continue from
+    tensorboard: bool = False
+    sync_bn: bool = False
+    progress: bool = True  # progress bars
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {s.name: _plain(dataclasses.asdict(getattr(self, s.name))) for s in dataclasses.fields(self)}
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config)]
+
+
+def _plain(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _key_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    """bare key -> (section, field)."""
+    index = {}
+    for section in dataclasses.fields(Config):
+        hints = typing.get_type_hints(section.default_factory)
+        for f in dataclasses.fields(section.default_factory):
+            assert f.name not in index, f"duplicate config key {f.name}"
+            index[f.name] = (section.name, f, hints[f.name])
+    return index
+
+
+def parse_duration(text: str) -> float:
+    """'11h30m', '90m', '45s', '2h' or plain seconds -> seconds."""
+    text = str(text).strip()
+    if not text:
+        return 0.0
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    m = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text)
+    if not m or not any(m.groups()):
+        raise UserError(f"time_limit={text!r} is not a duration: write it like 11h30m, 90m or 45s.")
+    h, mi, s = (int(g or 0) for g in m.groups())
+    return h * 3600 + mi * 60 + s
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Turn a YAML value or a command-line string into the field's type, or say what is wrong."""
+    def bad(expected: str):
+        return UserError(f"{key}={value!r} has the wrong type: expected {expected}.")
+
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        items = value
+        if isinstance(value, str):
+            items = [v for v in re.split(r"[,\s]+", value.strip("()[] ")) if v]
+        if isinstance(items, (int, float)):
+            items = [items]
+        if not isinstance(items, (list, tuple)):
+            raise bad("a list like 1,2,3")
+        elem = args[0]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(key, v, elem) for v in items)
+        if len(items) != len(args):
+            raise bad(f"{len(args)} comma-separated numbers")
+        return tuple(_coerce(key, v, a) for v, a in zip(items, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise bad("true or false")
+    if hint is int:
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+        raise bad("an integer")
+    if hint is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad("a number") from None
+    if hint is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise bad("a string")
+        return str(value)
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+CHOICES = {
+    "resize": ("squash", "center_crop"),
+    "policy": ("none", "randaugment", "trivialaugment"),
+    "mix_mode": ("batch", "sample"),
+    "pretrained": ("off", "forbid"),
+    "optimizer": ("sgd", "adamw"),
+    "device": ("auto", "cpu", "cuda"),
+    "amp": ("auto", "bf16", "off"),
+    "channels_last": ("auto", "true", "false"),
+    "data_on_device": ("auto", "true", "false"),
+}
+
+
+def _set(cfg: Config, key: str, value: Any, index) -> None:
+    bare = key.split(".", 1)[1] if "." in key else key
+    if "." in key and key.split(".", 1)[0] not in SECTIONS:
+        raise UserError(f"Unknown config section in {key!r}: sections are {', '.join(SECTIONS)}.")
+    if bare not in index:
+        close = [k for k in index if k.startswith(bare[:3])]
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UserError(f"Unknown config key {key!r}.{hint} Run `imgcls train --help-config` for all keys.")
+    section, f, hint_type = index[bare]
+    if "." in key and key.split(".", 1)[0] != section:
+        raise UserError(f"{bare} belongs to section {section!r}, not {key.split('.', 1)[0]!r}.")
+    value = _coerce(bare, value, hint_type)
+    if bare in CHOICES and value not in CHOICES[bare]:
+        raise UserError(f"{bare}={value!r} is not one of {', '.join(CHOICES[bare])}.")
+    setattr(getattr(cfg, section), bare, value)
+
+
+def apply(cfg: Config, values: dict[str, Any], index=None) -> Config:
+    """Apply a flat or section-nested mapping of settings to cfg (in place) and return it."""
+    index = index or _key_index()
+    for key, value in values.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for k, v in value.items():
+                _set(cfg, f"{key}.{k}", v, index)
+        else:
+            _set(cfg, key, value, index)
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"Override {item!r} is not of the form key=value (e.g. epochs=30).")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Config file {path} does not exist.")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"Config file {path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"Config file {path} must hold a mapping of key: value, not {type(values).__name__}.")
+    return values
+
+
+def resolve(*, defaults: dict[str, Any] | None = None, file: str | Path | None = None,
+            overrides: list[str] | dict[str, Any] = ()) -> Config:
+    """Defaults (e.g. per dataset layout) <- YAML file <- key=value overrides."""
+    cfg = Config()
+    index = _key_index()
+    if defaults:
+        apply(cfg, defaults, index)
+    if file:
+        try:
+            apply(cfg, load_yaml(file), index)
+        except UserError as e:
+            raise UserError(f"In {file}: {e}") from None
+    if overrides:
+        apply(cfg, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)), index)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    checks = [
+        (cfg.data.image_size >= 8, f"image_size must be at least 8 px, got {cfg.data.image_size}."),
+        (cfg.run.epochs >= 1, f"epochs must be at least 1, got {cfg.run.epochs}."),
+        (cfg.run.batch_size >= 1, f"batch_size must be at least 1, got {cfg.run.batch_size}."),
+        (cfg.optim.lr > 0, f"lr must be positive, got {cfg.optim.lr}."),
+        (0 <= cfg.data.val_fraction < 1, f"val_fraction must be in [0, 1), got {cfg.data.val_fraction}."),
+        (cfg.optim.accum_steps >= 1, f"accum_steps must be at least 1, got {cfg.optim.accum_steps}."),
+        (0 <= cfg.optim.ema < 1, f"ema is a decay in [0, 1), got {cfg.optim.ema}."),
+        (0 <= cfg.optim.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {cfg.optim.label_smoothing}."),
+        (0 < cfg.aug.crop_scale[0] <= cfg.aug.crop_scale[1] <= 1,
+         f"crop_scale must be two fractions lo,hi with 0 < lo <= hi <= 1, got {cfg.aug.crop_scale}."),
+        (not (cfg.model.pretrained == "forbid" and cfg.model.init),
+         f"pretrained=forbid refuses initial weights, but init={cfg.model.init!r} was given. "
+         "Remove init= or set pretrained=off."),
+        (cfg.run.batch_size % cfg.optim.accum_steps == 0,
+         f"batch_size={cfg.run.batch_size} must be divisible by accum_steps={cfg.optim.accum_steps}."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    parse_duration(cfg.run.time_limit)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe() -> str:
+    """One line per key: section.key = default  # comment (for --help-config)."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(section.default_factory):
+            lines.append(f"  {f.name} = {getattr(section.default_factory(), f.name)!r}")
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""Device, precision and memory-format choices, made once from the run settings."""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from imgcls.config import RunConfig
+from imgcls.errors import UserError
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: torch.device
+    amp: torch.dtype | None  # autocast dtype, None = full fp32
+    channels_last: bool
+
+    def autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+
+def resolve(run: RunConfig) -> Hardware:
+    if run.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda was asked for but no CUDA GPU is visible; use device=auto or device=cpu.")
+    if run.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(run.device)
+    if device.type == "cuda" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    # bf16 autocast: on by default on the GPU. On the CPU only when asked (amp=bf16): it pays on CPUs
+    # with native bf16 (AVX512_BF16/AMX) and slows down those without.
+    amp = torch.bfloat16 if run.amp == "bf16" or (run.amp == "auto" and device.type == "cuda") else None
+    channels_last = run.channels_last == "true" or (run.channels_last == "auto" and amp is not None)
+    return Hardware(device, amp, channels_last)
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
