@@ -128,7 +128,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
+def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     p = argparse.ArgumentParser(prog="imgcls", description="Train image classifiers from scratch and write "
                                 "correct competition submissions.")
     p.add_argument("--version", action="version", version=f"imgcls {__version__}")
@@ -153,11 +153,17 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="train on a small dataset bundled with scikit-learn; no data needed")
     sp.add_argument("--out", required=True)
     sp.add_argument("overrides", nargs="*", metavar="key=value")
-    return p
+    return p, sub.choices
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    top, commands = parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in commands:
+        top.parse_args(argv)  # --help, --version, or a usage error (exit 2)
+    # Intermixed: `train DATA --out RUN epochs=3` and `train DATA epochs=3 --out RUN` both work.
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
