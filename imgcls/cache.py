@@ -6,6 +6,7 @@ parallel on all cores. This module does not import torch (its workers start fast
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing as mp
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from imgcls.errors import UserError
 
 CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
 MAX_PIXELS = 89_478_485  # Pillow's default decompression-bomb limit (about 9459 x 9459)
@@ -33,6 +36,12 @@ class DecodeError(Exception):
     pass
 
 
+# Image formats users meet that Pillow cannot decode: named, so the message says "convert it"
+# rather than "not an image".
+UNSUPPORTED_FORMATS = {".heic": "HEIC", ".heif": "HEIF", ".jxl": "JPEG XL", ".svg": "SVG", ".dng": "DNG raw",
+                       ".cr2": "Canon raw", ".nef": "Nikon raw", ".arw": "Sony raw"}
+
+
 def decode(path: str | os.PathLike, size: int, resize: str = "squash") -> np.ndarray:
     """One file -> uint8 [size, size, 3] RGB, EXIF-rotated. Raises DecodeError saying why."""
     path = Path(path)
@@ -43,8 +52,8 @@ def decode(path: str | os.PathLike, size: int, resize: str = "squash") -> np.nda
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 if img.width * img.height > MAX_PIXELS:
-                    raise DecodeError(f"{img.width}x{img.height} pixels is over the {MAX_PIXELS:,}-pixel "
-                                      "decompression-bomb limit; downscale the file")
+                    raise DecodeError(f"decompression-bomb sized image: {img.width}x{img.height} pixels is over "
+                                      f"the {MAX_PIXELS:,}-pixel limit; downscale the file")
                 # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale: big photos decode several times faster.
                 img.draft("RGB", (size, size))
                 img = ImageOps.exif_transpose(img)
@@ -53,21 +62,27 @@ def decode(path: str | os.PathLike, size: int, resize: str = "squash") -> np.nda
                 return np.asarray(img, dtype=np.uint8)
     except DecodeError:
         raise
-    except Image.DecompressionBombError as e:
-        raise DecodeError(f"decompression-bomb sized image: {e}") from None
-    except Image.DecompressionBombWarning as e:
-        raise DecodeError(f"decompression-bomb sized image: {e}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DecodeError(f"decompression-bomb sized image: {e} Downscale it below {MAX_PIXELS / 1e6:.1f} "
+                          "Mpixel") from None
     except Image.UnidentifiedImageError:
-        raise DecodeError("not an image Pillow can read (wrong extension or unsupported format)") from None
+        ext = path.suffix.lower()
+        if ext in UNSUPPORTED_FORMATS:
+            raise DecodeError(f"{UNSUPPORTED_FORMATS[ext]} images are not supported; convert it to JPEG or PNG") from None
+        raise DecodeError(f"not an image: its content is not a format Pillow reads, despite the {ext or 'missing'} "
+                          "extension") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DecodeError(f"broken or truncated image: {e}") from None
+    except Exception as e:  # a malformed file can trip any error inside a Pillow plugin; one file must not stop a run
+        raise DecodeError(f"cannot decode ({type(e).__name__}: {e})") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB: 16/32-bit greyscale is scaled, transparency composited on white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img).astype(np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
+        # 16-bit modes span 0..65535 even when this image is dark; 32-bit "I"/"F" carry no range, so guess.
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(arr / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
@@ -109,10 +124,31 @@ def _decode_rows(args) -> tuple[int, dict[int, str]]:
     for i, p in enumerate(paths):
         try:
             out[start + i] = decode(p, size, resize)
-        except (DecodeError, OSError) as e:
-            failed[start + i] = str(e)
+        except (DecodeError, OSError) as e:  # OSError: the file vanished or cannot be opened
+            failed[start + i] = str(e) if isinstance(e, DecodeError) else f"cannot open: {e}"
     out.flush()
     return len(paths), failed
+
+
+def _allocate(path: Path, shape: tuple[int, ...], cache_dir: Path) -> None:
+    """Create the .npy and reserve its disk space now. A memory-mapped file on a full disk would
+    otherwise fail later with SIGBUS (a crash, no message) when a worker writes a page."""
+    try:
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
+        with open(path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise
+                # EOPNOTSUPP and the like: this filesystem cannot reserve space; build without it
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"Not enough disk space for the image cache ({int(np.prod(shape)) / 1e6:,.1f} MB) in "
+                            f"{cache_dir}. Free space there, or set cache_dir= (or $IMGCLS_CACHE) to a disk with "
+                            "room; a smaller cache_size= (or image_size=) also shrinks it.") from None
+        raise
 
 
 def build(paths: list[Path], *, size: int, resize: str = "squash", cache_dir: str | Path = "",
@@ -124,13 +160,16 @@ def build(paths: list[Path], *, size: int, resize: str = "squash", cache_dir: st
     file = cache_dir / f"{name}-{size}px-{fp[:20]}.npy"
     meta_file = file.with_suffix(".json")
     if file.is_file() and meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        images = np.load(file, mmap_mode="r")
-        if images.shape == (len(paths), size, size, 3):
-            return Cache(images, {int(k): v for k, v in meta["failed"].items()}, file, built=False)
+        try:
+            meta = json.loads(meta_file.read_text())
+            images = np.load(file, mmap_mode="r")
+            if images.shape == (len(paths), size, size, 3):
+                return Cache(images, {int(k): v for k, v in meta["failed"].items()}, file, built=False)
+        except (ValueError, KeyError, OSError):  # damaged by a crash or a full disk: build it again
+            pass
 
     tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp.npy")
-    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3)).flush()
+    _allocate(tmp, (len(paths), size, size, 3), cache_dir)
     workers = workers or os.cpu_count() or 1
     chunk = max(16, min(512, len(paths) // (workers * 8) + 1))
     jobs = [(tmp, paths[i:i + chunk], i, size, resize) for i in range(0, len(paths), chunk)]
@@ -157,7 +196,9 @@ def build(paths: list[Path], *, size: int, resize: str = "squash", cache_dir: st
         raise
     finally:
         bar.close()
-    os.replace(tmp, file)  # atomic: a half-built cache is never mistaken for a whole one
-    meta_file.write_text(json.dumps({"version": CACHE_VERSION, "size": size, "resize": resize, "count": len(paths),
-                                     "failed": {str(k): v for k, v in sorted(failed.items())}}))
+    meta_tmp = meta_file.with_name(f".{meta_file.name}.{os.getpid()}.tmp")
+    meta_tmp.write_text(json.dumps({"version": CACHE_VERSION, "size": size, "resize": resize, "count": len(paths),
+                                    "failed": {str(k): v for k, v in sorted(failed.items())}}))
+    os.replace(meta_tmp, meta_file)
+    os.replace(tmp, file)  # atomic, and last: a half-built cache is never mistaken for a whole one
     return Cache(np.load(file, mmap_mode="r"), failed, file, built=True)

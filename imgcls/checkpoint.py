@@ -6,27 +6,49 @@ which refuses any pickle that would build arbitrary objects.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
+import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+import safetensors.torch
+from safetensors.torch import load_file
 
 from imgcls.errors import UserError
 
 
-def _atomic(path: Path, write) -> None:
+def _atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, fsync, rename. The bytes are made in memory first and
+    written here by Python, so a full disk is an OSError (ENOSPC): torch.save straight to a path reports
+    it as an opaque RuntimeError ("unexpected pos"), and safetensors' save_file may not report it at all."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        write(tmp)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a VM or container killed hard keeps a whole file
         os.replace(tmp, path)  # a reader never sees half a file, and a crash keeps the previous one
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        if e.errno == 28:  # ENOSPC
-            raise UserError(f"The disk is full while writing {path}. Free space there or choose another --out.") from None
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"The disk is full while writing {path}. Free space there, or write the run "
+                            "to a disk with room (--out).") from None
         raise
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic(Path(path), data)
+
+
+def write_text(path: Path, text: str) -> None:
+    """A small text file (config.yaml, manifest.json), written atomically like the checkpoints."""
+    _atomic(Path(path), text.encode())
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -42,7 +64,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    _atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {}))
+    _atomic(Path(path), safetensors.torch.save(tensors, metadata=metadata or {}))
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
@@ -73,18 +95,39 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 
 def save_state(state: dict, path: Path) -> None:
-    _atomic(Path(path), lambda tmp: torch.save(state, tmp))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    _atomic(Path(path), buffer.getvalue())
+
+
+STATE_KEYS = ("model", "optimizer", "epoch", "step")
 
 
 def load_state(path: Path) -> dict:
+    """state.pt -> dict of tensors and numbers. weights_only=True refuses any pickle that would
+    build an object other than tensors and containers, before anything in it runs."""
     path = Path(path)
+    if not path.is_file():
+        raise UserError(f"No training state at {path}: is this a run directory written by imgcls train?")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"No training state at {path}: is this a run directory written by imgcls train?") from None
-    except Exception as e:  # UnpicklingError for a pickle that would build arbitrary objects, and the like
-        raise UserError(f"Refused to load {path}: it is not a plain tensor checkpoint and may run code when "
-                        f"unpickled ({type(e).__name__}). Nothing from it was executed.") from None
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing; the refusal is the news
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        called = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))  # the callable the pickle would run
+        other = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))  # e.g. "Unsupported operand 149"
+        reason = (f"it would call {called.group(1)}" if called else
+                  f"the safe unpickler stopped at: {other.group(1).strip()}" if other else type(e).__name__)
+        raise UserError(f"Refused to load {path}: it holds Python objects other than tensors, which could run "
+                        f"code when unpickled ({reason}). Nothing from it was executed. Only load "
+                        "checkpoints written by imgcls train.") from None
+    except Exception as e:  # a truncated upload, a zip that is not a torch file, and the like
+        raise UserError(f"{path} is damaged or not a torch checkpoint ({type(e).__name__}: {str(e)[:200]}). "
+                        "Copy it again, or delete it to start the run from scratch.") from None
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        raise UserError(f"{path} is not a training state written by imgcls train (it lacks "
+                        f"{', '.join(k for k in STATE_KEYS if not isinstance(state, dict) or k not in state)}).")
+    return state
 
 
 def sha256(path: Path) -> str:

@@ -8,6 +8,7 @@ that say what to fix.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import typing
 from dataclasses import dataclass, field
@@ -87,7 +88,7 @@ class RunConfig:
     seeds: tuple[int, ...] = ()  # repeats: train once per seed and summarize
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto | bf16 | off (auto: bf16 on cuda, off on cpu)
-    channels_last: str = "auto"  # auto | true | false (auto: on when amp is on)
+    channels_last: str = "auto"  # auto | true | false (auto: on with amp, and on the CPU)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False
     data_on_device: str = "auto"  # auto | true | false: keep the whole cache on the GPU
@@ -218,7 +219,7 @@ def _set(cfg: Config, key: str, value: Any, index) -> None:
     if "." in key and key.split(".", 1)[0] not in SECTIONS:
         raise UserError(f"Unknown config section in {key!r}: sections are {', '.join(SECTIONS)}.")
     if bare not in index:
-        close = [k for k in index if k.startswith(bare[:3])]
+        close = difflib.get_close_matches(bare, index, n=3, cutoff=0.7) or [k for k in index if k.startswith(bare[:3])]
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise UserError(f"Unknown config key {key!r}.{hint} Run `imgcls train --help-config` for all keys.")
     section, f, hint_type = index[bare]

@@ -27,31 +27,53 @@ class Prepared:
         return self.dataset.classes
 
 
+def flatten(ds: layouts.Dataset) -> tuple[list[layouts.Sample], np.ndarray]:
+    """All samples of all splits in one list (the cache's row order), and the split of each row."""
+    samples = [s for split in ds.splits.values() for s in split]
+    split_of = np.array([name for name, split in ds.splits.items() for _ in split])
+    return samples, split_of
+
+
+def sort_failures(samples: list[layouts.Sample], split_of: np.ndarray, failed: dict[int, str], *,
+                  strict: bool) -> tuple[list[str], dict[str, str]]:
+    """Unreadable files -> (errors, skipped path -> why). A test image that cannot be read would leave
+    the submission without its row: always an error. A training or validation image is skipped and
+    listed, unless strict=true."""
+    errors, skipped = [], {}
+    for i, why in sorted(failed.items()):
+        if split_of[i] == "test":
+            errors.append(f"test image {samples[i].path}: {why}; the submission needs it: replace the file.")
+        elif strict:
+            errors.append(f"{samples[i].path}: {why} (strict=true)")
+        else:
+            skipped[str(samples[i].path)] = why
+    return errors, skipped
+
+
+def listing(errors: list[str], limit: int = 20) -> str:
+    more = f"\n  ... and {len(errors) - limit} more" if len(errors) > limit else ""
+    return "\n  - " + "\n  - ".join(errors[:limit]) + more
+
+
 def prepare(root, cfg: Config, *, progress: bool = True) -> Prepared:
     """Read the layout, refuse anything that would make the submission wrong, decode once."""
     ds = layouts.read(root)
     ds.check()
-    samples = [s for split in ds.splits.values() for s in split]
-    split_of = np.array([name for name, split in ds.splits.items() for _ in split])
+    samples, split_of = flatten(ds)
     size = cfg.data.cache_size or cfg.data.image_size
     built = cache.build([s.path for s in samples], size=size, resize=cfg.data.resize, cache_dir=cfg.data.cache_dir,
                         workers=cfg.data.decode_workers, progress=progress, name=f"{ds.layout}-{ds.root.name}")
-    failed = built.failed
-    bad_test = [samples[i].path for i in failed if split_of[i] == "test"]
-    if bad_test:
-        raise UserError(f"{len(bad_test)} test image(s) cannot be read, so the submission would be incomplete: "
-                        + "; ".join(f"{samples[i].path}: {failed[i]}" for i in failed if split_of[i] == "test")[:2000]
-                        + ". Replace these files.")
-    if failed and cfg.data.strict:
-        listed = "\n  - ".join(f"{samples[i].path}: {why}" for i, why in sorted(failed.items()))
-        raise UserError(f"{len(failed)} image(s) cannot be read (strict=true):\n  - {listed}\n"
-                        "Fix or remove them, or set strict=false to skip them.")
+    errors, skipped = sort_failures(samples, split_of, built.failed, strict=cfg.data.strict)
+    if errors:
+        refused_training = cfg.data.strict and any(split_of[i] != "test" for i in built.failed)
+        hint = "\nWith strict=true: fix or remove those training images, or set strict=false to skip them." \
+            if refused_training else ""
+        raise UserError(f"{len(errors)} image(s) cannot be read:{listing(errors)}{hint}")
     keep = np.ones(len(samples), dtype=bool)
-    keep[list(failed)] = False
+    keep[list(built.failed)] = False
     rows = {name: np.flatnonzero((split_of == name) & keep) for name in ds.splits}
     labels = np.array([-1 if s.label is None else s.label for s in samples], dtype=np.int64)
-    prepared = Prepared(ds, built.images, labels, [s.id for s in samples], rows,
-                        skipped={str(samples[i].path): why for i, why in sorted(failed.items())},
+    prepared = Prepared(ds, built.images, labels, [s.id for s in samples], rows, skipped=skipped,
                         fingerprint=built.path.stem.rsplit("-", 1)[-1], cache_path=str(built.path),
                         cache_built=built.built)
     if cfg.data.val_fraction > 0:

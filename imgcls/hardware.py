@@ -35,7 +35,10 @@ def resolve(run: RunConfig) -> Hardware:
     # bf16 autocast: on by default on the GPU. On the CPU only when asked (amp=bf16): it pays on CPUs
     # with native bf16 (AVX512_BF16/AMX) and slows down those without.
     amp = torch.bfloat16 if run.amp == "bf16" or (run.amp == "auto" and device.type == "cuda") else None
-    channels_last = run.channels_last == "true" or (run.channels_last == "auto" and amp is not None)
+    # channels_last: on with amp, and on the CPU in fp32 too, where oneDNN's NHWC convolutions are faster
+    # (2-core AVX2 CPU, 64 px, train step: tinycnn +74%, resnet18s width 16 +39%, resnet9 width 16 +16%,
+    # resnet18s width 64 +0%; tinycnn width 8 -3%; `imgcls train` with tinycnn +21% images/s; issue 7).
+    channels_last = run.channels_last == "true" or (run.channels_last == "auto" and (amp is not None or device.type == "cpu"))
     return Hardware(device, amp, channels_last)
 
 

@@ -11,9 +11,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imgcls.cache import UNSUPPORTED_FORMATS
 from imgcls.errors import UserError
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".avif", ".jp2",
+              ".tga"}
+# Image formats Pillow cannot read are still listed as samples, so the cache reports each one
+# ("HEIC images are not supported; convert it") instead of the file silently going missing.
+LISTED_EXTS = IMAGE_EXTS | set(UNSUPPORTED_FORMATS)
 FOOD_NAME = re.compile(r"^(\d+)_(\d+)$")
 
 
@@ -46,15 +51,16 @@ class Dataset:
         """Raise one UserError listing every problem that would make the submission wrong."""
         if self.errors:
             listed = "\n  - ".join(self.errors)
-            raise UserError(f"{self.root} has {len(self.errors)} problem(s) to fix before training:\n  - {listed}")
+            raise UserError(f"{self.root} has {len(self.errors)} problem(s) to fix before training:\n  - {listed}\n"
+                            f"(`imgcls inspect {self.root}` also lists unreadable images, in the same pass.)")
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in LISTED_EXTS)
 
 
 def _non_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() not in IMAGE_EXTS
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() not in LISTED_EXTS
                   and not p.name.startswith("."))
 
 

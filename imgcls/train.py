@@ -2,11 +2,15 @@
 it prints nothing itself (the CLI passes `on_epoch` to show progress)."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
 import platform
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,12 +106,102 @@ def manifest(cfg: Config, prep: Prepared, rows: dict[str, np.ndarray], hw: hardw
 
 
 def _floats(partial: dict) -> dict:
-    """Epoch accumulators (device tensors while training) as plain numbers, for a checkpoint."""
-    return {k: float(v) if torch.is_tensor(v) else v for k, v in partial.items()}
+    """Epoch accumulators (device tensors while training) as plain numbers, for a checkpoint. Exact:
+    a float32 sum becomes the same float64, and adding the next float32 tensor gives the same bits."""
+    return {k: v.item() if torch.is_tensor(v) else v for k, v in partial.items()}
+
+
+def check_finite(partial: dict, epoch: int, step: int) -> float:
+    """Mean training loss so far this epoch; a NaN/inf stops the run before it reaches a checkpoint."""
+    mean_loss = float(partial["loss"]) / max(1, partial["seen"])  # .item(): a CPU-GPU sync point
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"loss is {mean_loss} in epoch {epoch + 1} by step {step + 1}")
+    return mean_loss
+
+
+def stop_reserve(*, eval_seconds: float, step_seconds: float, n_val: int, n_test: int, limit: float) -> float:
+    """Seconds to keep in hand under time_limit= when deciding whether to take another step: that
+    step, the epoch-end evaluation that may follow it, finish() (validation + test inference with
+    the best weights), and 10% of the limit, at most a minute, for loading weights, writing files
+    and a slow disk (finish() on a 5-image test split took 0.4 s more than its inference here)."""
+    per_image = eval_seconds / max(1, n_val)
+    return step_seconds + eval_seconds + per_image * (n_val + n_test) + min(60.0, 0.1 * limit)
+
+
+def resume_source(cfg: Config, out: str | Path) -> Path | None:
+    """The run directory to continue from: --out itself when it holds a state.pt (the newest progress
+    of this run), else resume=RUN; None for a fresh run."""
+    if (Path(out) / "state.pt").is_file():
+        return Path(out)
+    if not cfg.run.resume:
+        return None
+    source = Path(cfg.run.resume).expanduser()
+    source = source.parent if source.is_file() else source
+    if not (source / "state.pt").is_file():
+        raise UserError(f"resume={cfg.run.resume}: there is no state.pt in {source}. Give the --out folder of an "
+                        "earlier `imgcls train` run (it writes state.pt at every epoch end).")
+    return source
+
+
+@contextlib.contextmanager
+def stop_on_signal(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Ctrl-C (SIGINT) or SIGTERM (sent by `docker stop`, Slurm, a notebook's interrupt is SIGINT)
+    asks the loop to stop at the next step boundary, where model, optimizer, generators and counters
+    agree, so the state saved there resumes exactly. A second signal acts at once (the last checkpoint
+    is kept). Yields the list of signals received."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield received
+        return
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def handler(signum, frame):
+        received.append(signum)
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    for s in signals:
+        signal.signal(s, handler)
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate memory" in text
+
+
+@contextlib.contextmanager
+def user_errors(cfg: Config, out: Path):
+    """Divergence, out-of-memory and a full disk as a UserError that names the setting to change."""
+    kept = f"The last checkpoint in {out} is kept: rerun with the same --out (and the changed setting) to resume."
+    try:
+        yield
+    except FloatingPointError as e:
+        raise UserError(f"Training diverged: {e}. Lower lr=, set grad_clip=1.0, or amp=off. {kept}") from None
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        b = cfg.run.batch_size
+        raise UserError(f"Out of memory ({(str(e).splitlines() or [type(e).__name__])[0][:160]}). Lower "
+                        f"batch_size= (e.g. batch_size={max(1, b // 2)}; lr= is per 512 images, so it follows), or "
+                        f"keep it and set accum_steps=2; if it ran out while evaluating, lower eval_batch_size= "
+                        f"(now {cfg.run.eval_batch_size}); on a GPU, data_on_device=false frees the memory the image "
+                        f"cache holds. A smaller image_size= or model= also helps. {kept}") from None
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise UserError(f"The disk is full while writing the run to {out}. Free space there or choose another "
+                        f"--out. {kept}") from None
 
 
 def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndarray] | None = None,
-        on_epoch: Callable[[dict], None] | None = None) -> TrainResult:
+        on_epoch: Callable[[dict], None] | None = None, started: float | None = None) -> TrainResult:
+    """Train into `out`, continuing from its state.pt (or resume=RUN's) when there is one.
+    `started`: wall time (time.time()) that time_limit= counts from; default now."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = rows or prep.rows
@@ -144,48 +238,56 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
     start_epoch, start_step, best_acc, best_epoch, metrics = 0, 0, -1.0, -1, []
     partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0, "data": 0.0, "model": 0.0}
     state_file = out / "state.pt"
-    resume_from = Path(cfg.run.resume) / "state.pt" if cfg.run.resume else state_file
-    if resume_from.is_file():
-        state = checkpoint.load_state(resume_from)
-        if state.get("finished"):
-            raise UserError(f"The run in {resume_from.parent} has finished all its epochs; "
-                            "choose a new --out (or raise epochs= and resume).")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema and "ema" in state:
-            ema.load_state_dict(state["ema"])
+    source = resume_source(cfg, out)  # a finished run resumes too: it only redoes finish()
+    if source:
+        state = checkpoint.load_state(source / "state.pt")
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if ema:
+                ema.load_state_dict(state["ema"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise UserError(f"{source / 'state.pt'} does not fit this model and settings ({str(e).splitlines()[0][:200]}). "
+                            f"Resume with the settings it was trained with (they are read from {source / 'config.yaml'}; "
+                            "do not override model=, width= or ema=), or choose a new --out.") from None
         data_gen.set_state(state["data_gen_epoch_start"])
         aug_gen.set_state(state["aug_gen"].to(aug_gen.get_state().device))
         torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and hw.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], hw.device)
         start_epoch, start_step = state["epoch"], state["step"]
         best_acc, best_epoch, partial = state["best_acc"], state["best_epoch"], state["partial"]
-        metrics = [json.loads(line) for line in (resume_from.parent / "metrics.jsonl").read_text().splitlines()
-                   if line.strip()][:start_epoch]
-        if resume_from.parent != out:
+        # Only the epochs the state has finished: a kill can leave one more line, or half of one.
+        lines = (source / "metrics.jsonl").read_text().splitlines()[:start_epoch]
+        metrics = [json.loads(line) for line in lines]
+        if source != out:
             for name in ("best.safetensors", "last.safetensors"):
-                if (resume_from.parent / name).is_file():
-                    (out / name).write_bytes((resume_from.parent / name).read_bytes())
-    (out / "config.yaml").write_text(config.to_yaml(cfg))
-    (out / "manifest.json").write_text(json.dumps(manifest(cfg, prep, rows, hw), indent=2))
-    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+                if (source / name).is_file():
+                    checkpoint.write_bytes(out / name, (source / name).read_bytes())
+    checkpoint.write_text(out / "config.yaml", config.to_yaml(cfg))
+    checkpoint.write_text(out / "manifest.json", json.dumps(manifest(cfg, prep, rows, hw), indent=2))
+    checkpoint.write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
 
     images = place_images(prep, hw, cfg.run.data_on_device)
     limit = config.parse_duration(cfg.run.time_limit)
-    t_start, last_ckpt, eval_seconds = time.time(), time.time(), 60.0
+    started, last_ckpt, eval_seconds = started or time.time(), time.time(), 0.0
+    n_val, n_test = len(rows["val"]), len(rows.get("test", []))
 
     def save_state(epoch: int, step: int, epoch_gen_state: torch.Tensor, finished: bool = False) -> None:
         checkpoint.save_state({
             "model": checkpoint.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             **({"ema": ema.state_dict()} if ema else {}),
             "data_gen_epoch_start": epoch_gen_state, "aug_gen": aug_gen.get_state().cpu(),
-            "torch_rng": torch.get_rng_state(), "epoch": epoch, "step": step, "best_acc": best_acc,
-            "best_epoch": best_epoch, "partial": partial, "finished": finished}, state_file)
+            "torch_rng": torch.get_rng_state(),  # dropout on the CPU; on the GPU it draws from cuda_rng
+            **({"cuda_rng": torch.cuda.get_rng_state(hw.device)} if hw.device.type == "cuda" else {}),
+            "epoch": epoch, "step": step, "best_acc": best_acc, "best_epoch": best_epoch, "partial": partial,
+            "finished": finished}, state_file)
 
     from tqdm.auto import tqdm  # progress display
 
     stopped = "done"
     epoch, step, epoch_gen_state = start_epoch, start_step, data_gen.get_state()
-    try:
+    with stop_on_signal() as signals, user_errors(cfg, out):
         for epoch in range(start_epoch, cfg.run.epochs):
             epoch_gen_state = data_gen.get_state()
             perm = torch.randperm(len(train_rows), generator=data_gen)
@@ -205,6 +307,7 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
                 with torch.no_grad():
                     targets = augment.one_hot(labels, num_classes, cfg.optim.label_smoothing)
                     x, targets = augment.train_views(batch, targets, aug_gen, pipeline)
+                    x, targets = augment.mix(x, targets, aug_gen, cfg.aug, epoch=epoch, epochs=cfg.run.epochs)
                     x = augment.normalize(x).contiguous(memory_format=memory_format)
                 t1 = time.perf_counter()
                 for xs, ts in zip(x.chunk(cfg.optim.accum_steps), targets.chunk(cfg.optim.accum_steps)):
@@ -227,21 +330,23 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
                 partial["model"] += t2 - t1
                 partial["seconds"] += t2 - t0
                 if step % 20 == 0 or step == steps_per_epoch - 1:  # .item() is a CPU-GPU sync point
-                    mean_loss = float(partial["loss"]) / max(1, partial["seen"])
-                    if not math.isfinite(mean_loss):
-                        raise FloatingPointError(f"loss is {mean_loss} at epoch {epoch + 1}, step {step}")
+                    mean_loss = check_finite(partial, epoch, step)
                     bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{float(partial['correct']) / max(1, partial['seen']):.3f}",
                                     img_s=f"{partial['seen'] / max(1e-9, partial['seconds']):.0f}", lr=f"{lr:.3g}")
+                # --- stop (Ctrl-C, time_limit=) and checkpoints, between steps where the state is whole ---
                 now = time.time()
-                if limit and now - t_start > limit - (2 * eval_seconds + 60):
+                guess = eval_seconds or partial["seconds"] / partial["seen"] * n_val  # before the first eval
+                if signals:
+                    stopped = "interrupted"
+                elif limit and now - started > limit - stop_reserve(eval_seconds=guess, step_seconds=t2 - t0,
+                                                                    n_val=n_val, n_test=n_test, limit=limit):
                     stopped = "time_limit"
-                elif cfg.run.checkpoint_minutes and now - last_ckpt > cfg.run.checkpoint_minutes * 60:
+                if stopped != "done" or (cfg.run.checkpoint_minutes and now - last_ckpt > cfg.run.checkpoint_minutes * 60):
+                    check_finite(partial, epoch, step)  # never overwrite the last good checkpoint with NaNs
                     partial = _floats(partial)
                     save_state(epoch, step + 1, epoch_gen_state)
                     last_ckpt = now
                 if stopped != "done":
-                    partial = _floats(partial)
-                    save_state(epoch, step + 1, epoch_gen_state)
                     break
             bar.close()
             if stopped != "done":
@@ -253,7 +358,8 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
             eval_seconds = time.perf_counter() - t_eval
             seen = max(1, partial["seen"])
             m = {"epoch": epoch + 1, "train_loss": float(partial["loss"]) / seen,
-                 "train_acc": float(partial["correct"]) / seen, "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
+                 "train_acc": float(partial["correct"]) / seen, "val_loss": val_loss, "val_acc": val_acc,
+                 "lr": optimizer.param_groups[0]["lr"],
                  "seconds": partial["seconds"] + eval_seconds, "images_per_second": seen / max(1e-9, partial["seconds"]),
                  "data_seconds": partial["data"], "model_seconds": partial["model"], "eval_seconds": eval_seconds}
             if not math.isfinite(m["train_loss"]):
@@ -270,19 +376,15 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
             last_ckpt = time.time()
             if on_epoch:
                 on_epoch(m)
-    except KeyboardInterrupt:
-        partial = _floats(partial)
-        save_state(epoch, step, epoch_gen_state)  # the interrupted step is redone on resume
-        return TrainResult(out, best_acc, metrics[-1]["val_acc"] if metrics else float("nan"), best_epoch,
-                           len(metrics), "interrupted", metrics)
-    except FloatingPointError as e:
-        raise UserError(f"Training diverged: {e}. The last good checkpoint is kept in {out}. "
-                        "Lower lr=, set grad_clip=1.0, or amp=off, then rerun.") from None
+            if signals:  # Ctrl-C during the evaluation: this epoch's state is saved just above
+                stopped = "interrupted"
+                break
 
     result = TrainResult(out, best_acc, metrics[-1]["val_acc"] if metrics else float("nan"), best_epoch,
                          len(metrics), stopped, metrics)
-    if (out / "best.safetensors").is_file():
-        result.submission = finish(out, prep, rows, hw, eval_model, cfg)
+    if stopped != "interrupted" and (out / "best.safetensors").is_file():
+        with user_errors(cfg, out):
+            result.submission = finish(out, prep, rows, hw, eval_model, cfg)
     return result
 
 
