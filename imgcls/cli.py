@@ -85,9 +85,10 @@ def cmd_train(args) -> int:
                              overrides=args.overrides)
         print(f"resuming from {source / 'state.pt'} with the settings in {source / 'config.yaml'}"
               f"{' and ' + ' '.join(args.overrides) if args.overrides else ''}")
+    t_cache = time.time()
     prep = data.prepare(args.data, cfg, progress=cfg.run.progress)
     print(describe_dataset(prep.dataset))
-    print(f"cache: {prep.cache_path} ({'built' if prep.cache_built else 'reused'})")
+    print(f"cache: {prep.cache_path} ({'built' if prep.cache_built else 'reused'} in {time.time() - t_cache:.1f}s)")
     if prep.skipped:
         print(f"skipped {len(prep.skipped)} unreadable training image(s):")
         for path, why in prep.skipped.items():

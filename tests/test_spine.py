@@ -100,3 +100,29 @@ def test_predict_matches_the_submission_train_wrote(food11_tiny, tmp_path):
 def test_bad_settings_exit_1_with_a_message(food11_tiny, tmp_path, capsys, argv, fragment):
     assert cli.main(["train", str(food11_tiny), "--out", str(tmp_path / "r"), *argv]) == 1
     assert fragment in capsys.readouterr().err
+
+
+def test_demo_lays_out_digits_trains_and_writes_a_submission(tmp_path, capsys):
+    """`imgcls demo` needs no user data; 3 epochs are enough to be far above chance (0.10)."""
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "epochs=3", "progress=false"]) == 0
+    assert "demo: best val_acc" in capsys.readouterr().out
+    metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(m["val_acc"] for m in metrics) > 0.5
+    rows = read_csv(out / "run" / "submission.csv")
+    assert rows[0] == ["Id", "Category"] and len(rows) - 1 == len(list((out / "data" / "test").iterdir()))
+
+
+def test_ema_warms_up_so_a_short_run_does_not_evaluate_its_initial_weights():
+    import torch
+    from imgcls.train import ema_update
+
+    model = torch.nn.Linear(3, 3)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update(0.999), use_buffers=True)
+    ema.update_parameters(model)  # the first update copies the initial weights
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for _ in range(100):
+        ema.update_parameters(model)
+    # decay min(0.999, (1 + n) / (10 + n)) keeps ~10% of the start after 100 steps; 0.999 would keep 90%
+    assert torch.allclose(ema.module.weight, torch.ones(3, 3), atol=0.15)
