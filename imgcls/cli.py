@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,10 +74,17 @@ def cmd_inspect(args) -> int:
 @command
 def cmd_train(args) -> int:
     started = time.time()  # time_limit= counts from here: decoding the cache is part of the session
-    from imgcls import config, data, train
+    from imgcls import config, data, distributed, hardware, train
 
+    rank, world, _ = distributed.from_env()  # under torchrun (README "Several GPUs"); rank 0 speaks for all
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
     cfg = resolve_config(args.data, args)
     if cfg.run.seeds:
+        if world > 1:
+            raise UserError(f"seeds= runs whole trainings one after another (or one per GPU by itself); it does not "
+                            f"combine with torchrun's {world} processes. Start `imgcls train ... seeds=...` without "
+                            "torchrun, or train each seed=N with torchrun separately.")
         return train_seeds(args, cfg)
     source = train.resume_source(cfg, args.out)
     if source and (source / "config.yaml").is_file():
@@ -85,8 +93,10 @@ def cmd_train(args) -> int:
                              overrides=args.overrides)
         print(f"resuming from {source / 'state.pt'} with the settings in {source / 'config.yaml'}"
               f"{' and ' + ' '.join(args.overrides) if args.overrides else ''}")
+    ranks = distributed.init(hardware.resolve(cfg.run).device)  # no process group without torchrun
     t_cache = time.time()
-    prep = data.prepare(args.data, cfg, progress=cfg.run.progress)
+    with distributed.node_leader_first(ranks):  # one process per machine decodes; the others then reuse it
+        prep = data.prepare(args.data, cfg, progress=cfg.run.progress and ranks.is_main)
     print(describe_dataset(prep.dataset))
     print(f"cache: {prep.cache_path} ({'built' if prep.cache_built else 'reused'} in {time.time() - t_cache:.1f}s)")
     if prep.skipped:
@@ -94,7 +104,10 @@ def cmd_train(args) -> int:
         for path, why in prep.skipped.items():
             print(f"  {path}: {why}")
     t0 = time.time()
-    result = train.fit(cfg, prep, args.out, on_epoch=print_epoch, started=started)
+    try:
+        result = train.fit(cfg, prep, args.out, on_epoch=print_epoch, started=started, ranks=ranks)
+    finally:
+        distributed.shutdown(ranks)
     print(f"best val_acc {result.best_val_acc:.4f} at epoch {result.best_epoch}, "
           f"final val_acc {result.final_val_acc:.4f}, {time.time() - t0:.0f}s")
     if result.stopped != "done":
@@ -107,6 +120,8 @@ def cmd_train(args) -> int:
     if result.submission:
         print(f"submission: {result.submission}")
     print(f"run: {result.run_dir}")
+    if result.stopped != "interrupted" and ranks.is_main:
+        auto_report(result.run_dir)
     return 0 if result.stopped != "interrupted" else 130
 
 
@@ -246,8 +261,11 @@ def train_seeds(args, cfg) -> int:
 def cmd_cv(args) -> int:
     import json
 
-    from imgcls import config, cv, data
+    from imgcls import config, cv, data, distributed
 
+    if distributed.from_env()[1] > 1:
+        raise UserError("imgcls cv does not run under torchrun: start it directly; with several GPUs it trains "
+                        "one fold per GPU by itself.")
     out = Path(args.out)
     saved = out / "config.yaml"
     if saved.is_file():  # a rerun: the first run's settings, so unfinished folds train like the others
@@ -309,6 +327,32 @@ def cmd_cv(args) -> int:
     print(f"out-of-fold predictions: {out / 'oof.npz'}\nsummary: {out / 'cv.json'}")
     if result["submission"]:
         print(f"submission (mean of the {k} folds' probabilities): {out / result['submission']}")
+    auto_report(out)
+    return 0
+
+
+def print_report(written) -> None:
+    for note in written.notes:
+        print(f"report: {note}")
+    print(f"report: {written.path} ({len(written.files)} files in {written.seconds:.1f}s)")
+
+
+def auto_report(run_dir: Path) -> None:
+    """The report at the end of train and cv: the run is on disk already, so a failure here only warns."""
+    from imgcls import report
+
+    try:
+        print_report(report.write(run_dir))
+    except Exception as e:  # noqa: BLE001 - never lose a finished run to a plot
+        print(f"warning: the report could not be written ({type(e).__name__}: {e}); the run itself is complete. "
+              f"Retry with: imgcls report {run_dir}", file=sys.stderr)
+
+
+@command
+def cmd_report(args) -> int:
+    from imgcls import report
+
+    print_report(report.write(args.run))
     return 0
 
 
@@ -398,6 +442,9 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     sp.add_argument("--images", type=int, default=8, metavar="N",
                     help="training images, one per class in turn (default 8)")
     overrides(sp)
+    sp = sub.add_parser("report", help="plots (curves, confusion matrix, per-class accuracy, mistakes) and one "
+                        "self-contained report.html for a run or cv directory")
+    sp.add_argument("run", metavar="RUN", help="a run directory (imgcls train --out) or a cv directory (imgcls cv --out)")
     sp = sub.add_parser("demo", help="train on a small dataset bundled with scikit-learn; no data needed")
     sp.add_argument("--out", required=True)
     sp.add_argument("overrides", nargs="*", metavar="key=value")

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 import imgcls
-from imgcls import augment, checkpoint, config, hardware, predict, submission
+from imgcls import augment, checkpoint, config, distributed, hardware, predict, report, submission
 from imgcls.config import Config, OptimConfig
 from imgcls.data import Prepared
 from imgcls.errors import UserError
@@ -134,6 +134,39 @@ def check_finite(partial: dict, epoch: int, step: int) -> float:
     return mean_loss
 
 
+def sum_counts(partial: dict, ranks: distributed.Ranks) -> dict:
+    """Epoch accumulators summed over ranks (loss, correct, seen); the timings stay this rank's.
+    One process: `partial` itself."""
+    if not ranks.active:
+        return partial
+    loss, correct, seen = ranks.sum([partial["loss"], partial["correct"], partial["seen"]])
+    return {**_floats(partial), "loss": loss, "correct": int(correct), "seen": int(seen)}
+
+
+def rank_rngs(state: dict, ranks: distributed.Ranks) -> dict | None:
+    """This rank's saved generator states (augmentation, dropout). A resume on as many ranks as the saved
+    run continues every rank's streams exactly; on a different number, rank 0 continues the saved
+    rank 0's streams and a rank the saved run did not have gets None (the caller reseeds it)."""
+    saved = state.get("rank_rngs") or [{k: state[k] for k in ("aug_gen", "torch_rng", "cuda_rng") if k in state}]
+    if len(saved) == ranks.world or ranks.rank == 0:
+        return saved[ranks.rank]
+    return None
+
+
+def val_score(model: nn.Module, images: torch.Tensor, rows: np.ndarray, labels: np.ndarray, *, size: int,
+              hw: hardware.Hardware, batch_size: int, ranks: distributed.Ranks) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) on the validation rows. Over several ranks each scores every
+    world-th row with rank 0's weights and the sums are reduced, so all ranks get the same numbers."""
+    if not ranks.active:
+        return predict.evaluate(model, images, rows, labels, size=size, hw=hw, batch_size=batch_size)[:2]
+    distributed.sync_state(model, ranks)
+    mine = rows[ranks.rank::ranks.world]
+    loss, acc = (predict.evaluate(model, images, mine, labels, size=size, hw=hw, batch_size=batch_size)[:2]
+                 if len(mine) else (0.0, 0.0))
+    loss_sum, correct, n = ranks.sum([loss * len(mine), acc * len(mine), len(mine)])
+    return loss_sum / n, correct / n
+
+
 def stop_reserve(*, eval_seconds: float, step_seconds: float, n_val: int, n_test: int, limit: float) -> float:
     """Seconds to keep in hand under time_limit= when deciding whether to take another step: that
     step, the epoch-end evaluation that may follow it, finish() (validation + test inference with
@@ -214,28 +247,36 @@ def user_errors(cfg: Config, out: Path):
 
 
 def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndarray] | None = None,
-        on_epoch: Callable[[dict], None] | None = None, started: float | None = None) -> TrainResult:
+        on_epoch: Callable[[dict], None] | None = None, started: float | None = None,
+        ranks: distributed.Ranks | None = None) -> TrainResult:
     """Train into `out`, continuing from its state.pt (or resume=RUN's) when there is one.
-    `started`: wall time (time.time()) that time_limit= counts from; default now."""
+    `started`: wall time (time.time()) that time_limit= counts from; default now.
+    `ranks`: this process's place in a torchrun data-parallel run (distributed.init); default one process."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = rows or prep.rows
+    ranks = ranks or distributed.Ranks()
     hw = hardware.resolve(cfg.run)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     num_classes, size, batch_size = prep.dataset.num_classes, cfg.data.image_size, cfg.run.batch_size
+    distributed.check_batch(batch_size, ranks.world, cfg.optim.accum_steps)
     memory_format = torch.channels_last if hw.channels_last else torch.contiguous_format
 
     model = create_model(cfg.model.model, num_classes, width=cfg.model.width, dropout=cfg.model.dropout)
     if cfg.model.init:
         checkpoint.load_weights(model, Path(cfg.model.init))
     model.to(hw.device, memory_format=memory_format)
+    ddp = distributed.wrap(model, ranks, hw.device, sync_bn=cfg.run.sync_bn)  # `model` itself on one process
+    model = checkpoint.unwrap(ddp)  # the plain module (with SyncBatchNorm layers under sync_bn=true)
+    if ranks.rank:  # dropout: a stream of its own on each rank but 0 (which draws what one process draws)
+        torch.manual_seed(distributed.rank_seed(cfg.run.seed, ranks.rank))
     optimizer = build_optimizer(model, cfg.optim)
     ema = None
     if cfg.optim.ema:
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=ema_update(cfg.optim.ema), use_buffers=True)
     eval_model = ema.module if ema else model
-    step_model = torch.compile(model) if cfg.run.compile else model
+    step_model = torch.compile(ddp) if cfg.run.compile else ddp
 
     train_rows = torch.as_tensor(rows["train"])
     steps_per_epoch = max(1, len(train_rows) // batch_size)  # drop the last partial batch
@@ -249,7 +290,7 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
     labels_all = torch.as_tensor(prep.labels)
 
     data_gen = torch.Generator().manual_seed(cfg.run.seed)  # data order, on the CPU
-    aug_gen = hardware.make_generator(hw.device, cfg.run.seed + 1)  # augmentation, on the device
+    aug_gen = hardware.make_generator(hw.device, distributed.rank_seed(cfg.run.seed + 1, ranks.rank))  # augmentation, on the device, per rank
     start_epoch, start_step, best_acc, best_epoch, metrics = 0, 0, -1.0, -1, []
     partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0, "data": 0.0, "model": 0.0}
     state_file = out / "state.pt"
@@ -266,36 +307,54 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
                             f"Resume with the settings it was trained with (they are read from {source / 'config.yaml'}; "
                             "do not override model=, width= or ema=), or choose a new --out.") from None
         data_gen.set_state(state["data_gen_epoch_start"])
-        aug_gen.set_state(state["aug_gen"].to(aug_gen.get_state().device))
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and hw.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], hw.device)
+        rngs = rank_rngs(state, ranks)
+        if rngs:
+            aug_gen.set_state(rngs["aug_gen"].to(aug_gen.get_state().device))
+            torch.set_rng_state(rngs["torch_rng"])
+            if "cuda_rng" in rngs and hw.device.type == "cuda":
+                torch.cuda.set_rng_state(rngs["cuda_rng"], hw.device)
+        else:  # a rank the saved run did not have: fresh streams of its own, new for each resume point
+            reseed = distributed.rank_seed(cfg.run.seed, ranks.rank, state["epoch"], state["step"])
+            aug_gen.manual_seed(reseed)
+            torch.manual_seed(reseed + 1)
         start_epoch, start_step = state["epoch"], state["step"]
-        best_acc, best_epoch, partial = state["best_acc"], state["best_epoch"], state["partial"]
+        best_acc, best_epoch = state["best_acc"], state["best_epoch"]
+        if ranks.is_main:  # the saved sums are over all ranks: rank 0 carries them, the others start at 0
+            partial = state["partial"]
         # Only the epochs the state has finished: a kill can leave one more line, or half of one.
         lines = (source / "metrics.jsonl").read_text().splitlines()[:start_epoch]
         metrics = [json.loads(line) for line in lines]
-        if source != out:
+        if source != out and ranks.is_main:
             for name in ("best.safetensors", "last.safetensors"):
                 if (source / name).is_file():
                     checkpoint.write_bytes(out / name, (source / name).read_bytes())
-    checkpoint.write_text(out / "config.yaml", config.to_yaml(cfg))
-    checkpoint.write_text(out / "manifest.json", json.dumps(manifest(cfg, prep, rows, hw), indent=2))
-    checkpoint.write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    if ranks.is_main:
+        checkpoint.write_text(out / "config.yaml", config.to_yaml(cfg))
+        checkpoint.write_text(out / "manifest.json", json.dumps(
+            {**manifest(cfg, prep, rows, hw), **({"processes": ranks.world} if ranks.active else {})}, indent=2))
+        checkpoint.write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
 
+    # tensorboard=true: the epoch scalars as events in out/tensorboard/, flushed every epoch (rank 0 writes)
+    board = report.TensorBoard(out) if cfg.run.tensorboard and ranks.is_main else None
     images = place_images(prep, hw, cfg.run.data_on_device)
     limit = config.parse_duration(cfg.run.time_limit)
     started, last_ckpt, eval_seconds = started or time.time(), time.time(), 0.0
     n_val, n_test = len(rows["val"]), len(rows.get("test", []))
 
     def save_state(epoch: int, step: int, epoch_gen_state: torch.Tensor, finished: bool = False) -> None:
+        """Called on every rank at the same step (it gathers the ranks' generators); rank 0 writes."""
+        rngs = {"aug_gen": aug_gen.get_state().cpu(),
+                "torch_rng": torch.get_rng_state(),  # dropout on the CPU; on the GPU it draws from cuda_rng
+                **({"cuda_rng": torch.cuda.get_rng_state(hw.device)} if hw.device.type == "cuda" else {})}
+        all_rngs, totals = ranks.gather(rngs), sum_counts(partial, ranks)
+        if not ranks.is_main:
+            return
         checkpoint.save_state({
             "model": checkpoint.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             **({"ema": ema.state_dict()} if ema else {}),
-            "data_gen_epoch_start": epoch_gen_state, "aug_gen": aug_gen.get_state().cpu(),
-            "torch_rng": torch.get_rng_state(),  # dropout on the CPU; on the GPU it draws from cuda_rng
-            **({"cuda_rng": torch.cuda.get_rng_state(hw.device)} if hw.device.type == "cuda" else {}),
-            "epoch": epoch, "step": step, "best_acc": best_acc, "best_epoch": best_epoch, "partial": partial,
+            "data_gen_epoch_start": epoch_gen_state, **rngs,
+            **({"rank_rngs": all_rngs} if ranks.active else {}),  # rank r's generators, for a resume on as many ranks
+            "epoch": epoch, "step": step, "best_acc": best_acc, "best_epoch": best_epoch, "partial": totals,
             "finished": finished}, state_file)
 
     from tqdm.auto import tqdm  # progress display
@@ -308,10 +367,10 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
             perm = torch.randperm(len(train_rows), generator=data_gen)
             model.train()
             bar = tqdm(range(start_step, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.run.epochs}", leave=False,
-                       disable=not cfg.run.progress, dynamic_ncols=True, unit="step")
+                       disable=not cfg.run.progress or not ranks.is_main, dynamic_ncols=True, unit="step")
             for step in bar:
                 t0 = time.perf_counter()
-                batch_rows = train_rows[perm[step * batch_size:(step + 1) * batch_size]]
+                batch_rows = distributed.shard(train_rows[perm[step * batch_size:(step + 1) * batch_size]], ranks)
                 lr = lr_at(epoch * steps_per_epoch + step, total=total_steps, warmup=warmup, peak=peak,
                            floor=peak * cfg.optim.min_lr_ratio)
                 for group in optimizer.param_groups:
@@ -325,12 +384,14 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
                     x, targets = augment.mix(x, targets, aug_gen, cfg.aug, epoch=epoch, epochs=cfg.run.epochs)
                     x = augment.normalize(x).contiguous(memory_format=memory_format)
                 t1 = time.perf_counter()
-                for xs, ts in zip(x.chunk(cfg.optim.accum_steps), targets.chunk(cfg.optim.accum_steps)):
-                    with hw.autocast():
-                        logits = step_model(xs)
-                    loss = loss_fn(logits.float(), ts, focal_gamma=cfg.optim.focal_gamma)
-                    (loss / cfg.optim.accum_steps).backward()
+                for k, (xs, ts) in enumerate(zip(x.chunk(cfg.optim.accum_steps), targets.chunk(cfg.optim.accum_steps))):
+                    with distributed.no_sync(ddp, skip=k < cfg.optim.accum_steps - 1):  # one all-reduce per step
+                        with hw.autocast():
+                            logits = step_model(xs)
+                        loss = loss_fn(logits.float(), ts, focal_gamma=cfg.optim.focal_gamma)
+                        (loss / cfg.optim.accum_steps).backward()
                     partial["correct"] += (logits.argmax(1) == ts.argmax(1)).sum()
+                    partial["loss"] += loss.detach() * len(xs)  # every micro-batch's loss, not the last one's
                 if cfg.optim.grad_clip:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
@@ -338,7 +399,6 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
                 if ema:
                     ema.update_parameters(model)
                 # --- bookkeeping ---
-                partial["loss"] += loss.detach() * len(x)
                 partial["seen"] += len(x)
                 t2 = time.perf_counter()
                 partial["data"] += t1 - t0
@@ -356,7 +416,9 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
                 elif limit and now - started > limit - stop_reserve(eval_seconds=guess, step_seconds=t2 - t0,
                                                                     n_val=n_val, n_test=n_test, limit=limit):
                     stopped = "time_limit"
-                if stopped != "done" or (cfg.run.checkpoint_minutes and now - last_ckpt > cfg.run.checkpoint_minutes * 60):
+                due = bool(cfg.run.checkpoint_minutes and now - last_ckpt > cfg.run.checkpoint_minutes * 60)
+                stopped, due = ranks.agree(stopped, due)  # all ranks stop and checkpoint at the same step
+                if stopped != "done" or due:
                     check_finite(partial, epoch, step)  # never overwrite the last good checkpoint with NaNs
                     partial = _floats(partial)
                     save_state(epoch, step + 1, epoch_gen_state)
@@ -368,36 +430,44 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
                 break
             start_step = 0
             t_eval = time.perf_counter()
-            val_loss, val_acc, _ = predict.evaluate(eval_model, images, rows["val"], prep.labels, size=size, hw=hw,
-                                                    batch_size=cfg.run.eval_batch_size)
+            val_loss, val_acc = val_score(eval_model, images, rows["val"], prep.labels, size=size, hw=hw,
+                                          batch_size=cfg.run.eval_batch_size, ranks=ranks)
             eval_seconds = time.perf_counter() - t_eval
+            partial = sum_counts(partial, ranks)  # all ranks' images; the timings are rank 0's
             seen = max(1, partial["seen"])
             m = {"epoch": epoch + 1, "train_loss": float(partial["loss"]) / seen,
                  "train_acc": float(partial["correct"]) / seen, "val_loss": val_loss, "val_acc": val_acc,
-                 "lr": optimizer.param_groups[0]["lr"],
+                 "lr": optimizer.param_groups[0]["lr"], "train_images": int(partial["seen"]),  # over all ranks
                  "seconds": partial["seconds"] + eval_seconds, "images_per_second": seen / max(1e-9, partial["seconds"]),
                  "data_seconds": partial["data"], "model_seconds": partial["model"], "eval_seconds": eval_seconds}
             if not math.isfinite(m["train_loss"]):
                 raise FloatingPointError(f"loss is {m['train_loss']} at the end of epoch {epoch + 1}")
             metrics.append(m)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(m) + "\n")
-            checkpoint.save_weights(eval_model, out / "last.safetensors")
-            if val_acc > best_acc:
+            improved = val_acc > best_acc  # the same on every rank: the score is reduced over all of them
+            if improved:
                 best_acc, best_epoch = val_acc, epoch + 1
-                checkpoint.save_weights(eval_model, out / "best.safetensors")
+            if ranks.is_main:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                checkpoint.save_weights(eval_model, out / "last.safetensors")
+                if improved:
+                    checkpoint.save_weights(eval_model, out / "best.safetensors")
             partial = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0, "data": 0.0, "model": 0.0}
             save_state(epoch + 1, 0, data_gen.get_state(), finished=epoch + 1 == cfg.run.epochs)
             last_ckpt = time.time()
-            if on_epoch:
+            if board:
+                board.log(m)
+            if on_epoch and ranks.is_main:
                 on_epoch(m)
-            if signals:  # Ctrl-C during the evaluation: this epoch's state is saved just above
-                stopped = "interrupted"
+            stopped, _ = ranks.agree("interrupted" if signals else "done", False)
+            if stopped != "done":  # Ctrl-C during the evaluation: this epoch's state is saved just above
                 break
 
+    if board:
+        board.close()
     result = TrainResult(out, best_acc, metrics[-1]["val_acc"] if metrics else float("nan"), best_epoch,
                          len(metrics), stopped, metrics)
-    if stopped != "interrupted" and (out / "best.safetensors").is_file():
+    if stopped != "interrupted" and ranks.is_main and (out / "best.safetensors").is_file():
         with user_errors(cfg, out):
             result.submission = finish(out, prep, rows, hw, eval_model, cfg)
     return result
