@@ -14,7 +14,13 @@ def soft_focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float) -
     """Focal loss (Lin et al. 2017) generalised to soft targets: each class term of the soft cross
     entropy is down-weighted by (1 - p_class)^gamma. With one-hot targets this is the usual
     -(1 - p_y)^gamma log p_y, and gamma = 0 gives soft_cross_entropy, so it composes with
-    label smoothing, mixup and cutmix."""
+    label smoothing, mixup and cutmix.
+
+    Issue 3 allowed either this or refusing focal_gamma with soft targets. We chose to support it:
+    students are told to use focal loss together with mixup and label smoothing, and the
+    generalisation is still linear in the targets, so a mixed target's loss is exactly
+    lam * loss(a) + (1 - lam) * loss(b), the same contract mixup has with cross entropy
+    (tests/test_augment.py::test_focal_loss_with_soft_targets checks all three properties)."""
     log_probs = F.log_softmax(logits, dim=-1)
     weight = (1 - log_probs.exp()).clamp(min=0).pow(gamma)
     return -(targets * weight * log_probs).sum(-1).mean()

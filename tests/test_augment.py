@@ -213,6 +213,24 @@ def test_soft_cross_entropy_equals_cross_entropy_on_one_hot_and_with_smoothing()
                                F.cross_entropy(logits, labels, label_smoothing=0.1))
 
 
+def test_label_smoothing_composes_with_mixup():
+    """Smoothing, then mixing (the order fit() uses): still distributions, and the soft CE of the mixed
+    targets is lam * CE(a) + (1 - lam) * CE(b), each with F.cross_entropy's label_smoothing."""
+    x, labels = float_images(8), torch.arange(8) % 4
+    smoothed = augment.one_hot(labels, 4, 0.1)
+    mixed_x, targets = augment.mix(x, smoothed, gen(6), AugConfig(mixup_alpha=1.0), epoch=0, epochs=10)
+    torch.testing.assert_close(targets.sum(1), torch.ones(8))
+    assert targets.min() >= 0.1 / 4 - 1e-6  # no class loses the smoothing mass
+    # image 0 (label 0) is mixed with image 7 (label 3): the gap of their targets is (2 lam - 1) * 0.9
+    lam = (float(targets[0, 0] - targets[0, 3]) / 0.9 + 1) / 2
+    assert 0 < lam < 1
+    torch.testing.assert_close(mixed_x, lam * x + (1 - lam) * x.flip(0), atol=1e-6, rtol=0)
+    logits = torch.randn(8, 4, generator=gen(9))
+    expected = (lam * F.cross_entropy(logits, labels, label_smoothing=0.1)
+                + (1 - lam) * F.cross_entropy(logits, labels.flip(0), label_smoothing=0.1))
+    torch.testing.assert_close(soft_cross_entropy(logits, targets), expected)
+
+
 def test_focal_loss_with_soft_targets():
     logits, labels = torch.randn(16, 5, generator=gen()), torch.arange(16) % 5
     one_hot = F.one_hot(labels, 5).float()
