@@ -68,25 +68,30 @@ def write_image(path: Path, *, size=(24, 20), mode="RGB", seed=0, fmt=None) -> P
     return path
 
 
-@pytest.fixture
-def food11_tiny(tmp_path) -> Path:
-    """A generated food-11 folder: 3 classes, 8 training + 3 validation images each, 5 test images.
+def colour_food11(root: Path, *, train: int = 8, val: int = 3, test: int = 5, side: int = 20, spread: float = 30,
+                  bright: int = 200, dark: int = 40, ext: str = "jpg", seed: int = 0) -> Path:
+    """A generated food-11 folder: 3 classes, `train` + `val` images each and `test` test images, noise of
+    `spread` around one mean colour per class, so even a tiny model learns it in a few steps."""
+    rng = np.random.default_rng(seed)
+    colours = [(bright, dark, dark), (dark, bright, dark), (dark, dark, bright)]
 
-    Each class has its own mean colour, so even a tiny model learns it in a few steps."""
-    root = tmp_path / "food11"
-    rng = np.random.default_rng(0)
-    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
-    for folder, n in (("training", 8), ("validation", 3)):
+    def save(path: Path, colour) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(rng.normal(colour, spread, (side, side, 3)), 0, 255).astype(np.uint8)).save(path)
+
+    for folder, n in (("training", train), ("validation", val)):
         for label, colour in enumerate(colours):
             for i in range(n):
-                arr = np.clip(rng.normal(colour, 30, (20, 20, 3)), 0, 255).astype(np.uint8)
-                (root / folder).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(arr).save(root / folder / f"{label}_{i}.jpg")
-    for i in range(5):
-        arr = np.clip(rng.normal(colours[i % 3], 30, (20, 20, 3)), 0, 255).astype(np.uint8)
-        (root / "test").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(arr).save(root / "test" / f"{i + 1:04d}.jpg")
+                save(root / folder / f"{label}_{i}.{ext}", colour)
+    for i in range(test):
+        save(root / "test" / f"{i + 1:04d}.{ext}", colours[i % 3])
     return root
+
+
+@pytest.fixture
+def food11_tiny(tmp_path) -> Path:
+    """3 classes, 8 training + 3 validation images each (20 px JPEGs), 5 test images."""
+    return colour_food11(tmp_path / "food11")
 
 
 # Small, fast training settings for tests: a few-thousand-parameter model at 16-32 px on the CPU.

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from conftest import colour_food11
 from imgcls import checkpoint, distributed
 from imgcls.errors import UserError
 
@@ -77,22 +78,7 @@ def runs(tmp_path_factory):
 
 def make_food11(root: Path) -> Path:
     """3 classes x 8 training + 3 validation images (20 px, one mean colour per class), 5 test images."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
-    for folder, n in (("training", 8), ("validation", 3)):
-        (root / folder).mkdir(parents=True)
-        for label, colour in enumerate(colours):
-            for i in range(n):
-                arr = np.clip(rng.normal(colour, 60, (20, 20, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr).save(root / folder / f"{label}_{i}.png")
-    (root / "test").mkdir()
-    for i in range(5):
-        arr = np.clip(rng.normal(colours[i % 3], 60, (20, 20, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(root / "test" / f"{i + 1:04d}.png")
-    return root
+    return colour_food11(root, spread=60, ext="png")
 
 
 def test_two_processes_train_what_one_process_trains(runs):

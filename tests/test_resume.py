@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import FAST
+from conftest import FAST, colour_food11
 from imgcls import cache, checkpoint, cli, config, train
 from imgcls.errors import UserError
 
@@ -37,20 +37,8 @@ RUN = [*FAST, "epochs=3", "deterministic=true", "checkpoint_minutes=1e-5"]
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory) -> Path:
     """food-11 layout, 3 classes x 16 training (6 steps of 8 per epoch), 4 validation each, 6 test."""
-    root = tmp_path_factory.mktemp("colours") / "data"
-    rng = np.random.default_rng(1)
-    means = [(200, 60, 60), (60, 200, 60), (60, 60, 200)]
-    for folder, n in (("training", 16), ("validation", 4)):
-        (root / folder).mkdir(parents=True)
-        for label, mean in enumerate(means):
-            for i in range(n):
-                arr = np.clip(rng.normal(mean, 70, (16, 16, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(arr).save(root / folder / f"{label}_{i}.png")
-    (root / "test").mkdir()
-    for i in range(6):
-        Image.fromarray(np.clip(rng.normal(means[i % 3], 70, (16, 16, 3)), 0, 255).astype(np.uint8)).save(
-            root / "test" / f"{i + 1:04d}.png")
-    return root
+    return colour_food11(tmp_path_factory.mktemp("colours") / "data", train=16, val=4, test=6, side=16, spread=70,
+                         dark=60, ext="png", seed=1)
 
 
 def train_argv(data: Path, out: Path, *extra: str) -> list[str]:
