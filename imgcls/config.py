@@ -87,7 +87,7 @@ class RunConfig:
     seed: int = 0
     seeds: tuple[int, ...] = ()  # repeats: train once per seed and summarize
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto | bf16 | off (auto: bf16 on cuda, off on cpu)
+    amp: str = "auto"  # auto | bf16 | off (auto: bf16 on cuda and on CPUs with AMX/AVX512_BF16, else off)
     channels_last: str = "auto"  # auto | true | false (auto: on with amp, and on the CPU)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False
