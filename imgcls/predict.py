@@ -61,8 +61,6 @@ class LoadedRun:
 
 def load_run(run_dir: str | Path, *, weights: str = "best", hw: Hardware) -> LoadedRun:
     """A trained run directory -> its config and model with `best` (or `last`) weights on hw.device."""
-    from imgcls.errors import UserError
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "manifest.json").is_file():
         raise UserError(f"{run_dir} is not an imgcls run directory (no config.yaml / manifest.json).")
@@ -79,11 +77,7 @@ def load_run(run_dir: str | Path, *, weights: str = "best", hw: Hardware) -> Loa
 def save_probs(path: Path, *, ids: list[str], classes: list[str], logits: torch.Tensor,
                labels: np.ndarray | None = None) -> None:
     """Logits and probabilities with their sample ids and class names: nothing is matched by position."""
-    arrays = dict(ids=np.array(ids), classes=np.array(classes), logits=logits.numpy(),
-                  probs=torch.softmax(logits, 1).numpy())
-    if labels is not None:
-        arrays["labels"] = labels
-    np.savez_compressed(path, **arrays)
+    Probs(list(ids), list(classes), torch.softmax(logits, 1), logits, labels).save(path)
 
 
 # --- probabilities on disk, matched by sample id ---------------------------------------------

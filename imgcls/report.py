@@ -49,6 +49,7 @@ class Source:
     probs: predict.Probs | None = None  # with labels: validation (run) or out-of-fold (cv) predictions
     cv: dict | None = None  # cv.json
     notes: list[str] = field(default_factory=list)
+    datasets: dict = field(default_factory=dict, repr=False)  # root -> layouts.read(root), read once per report
 
 
 @dataclass
@@ -331,16 +332,28 @@ def plot_mistakes(images: list[np.ndarray | None], titles: list[str], *, cols: i
 
 # --- images from the dataset folder -------------------------------------------------------------
 
-def images_by_id(manifest: dict, ids: list[str], *, size: int, resize: str) -> tuple[dict[str, np.ndarray], str]:
+def read_dataset(root: Path, memo: dict | None = None):
+    """layouts.read(root), kept in `memo` (Source.datasets) so one report lists the folder once."""
+    from imgcls import layouts
+
+    if memo is None:
+        return layouts.read(root)
+    if root not in memo:
+        memo[root] = layouts.read(root)
+    return memo[root]
+
+
+def images_by_id(manifest: dict, ids: list[str], *, size: int, resize: str,
+                 memo: dict | None = None) -> tuple[dict[str, np.ndarray], str]:
     """Decode the files with these sample ids from the run's dataset folder (manifest data.root), as the
     cache does (same resize) but at `size` px. Returns (id -> image, a note on what could not be read)."""
-    from imgcls import cache, layouts
+    from imgcls import cache
 
     root = Path(manifest.get("data", {}).get("root", ""))
     if not str(root) or not root.is_dir():
         return {}, f"the dataset folder {root} is not there, so its images cannot be shown"
     try:
-        ds = layouts.read(root)
+        ds = read_dataset(root, memo)
     except UserError as e:
         return {}, f"the dataset folder {root} cannot be read ({e})"
     paths = {s.id: s.path for split in ds.splits.values() for s in split}
@@ -354,17 +367,17 @@ def images_by_id(manifest: dict, ids: list[str], *, size: int, resize: str) -> t
     return found, f"{missing} of {len(ids)} images were not found in {root} (has the folder changed?)" if missing else ""
 
 
-def render_preview(manifest: dict, cfg: config.Config, *, images: int = PREVIEW_IMAGES,
-                   views: int = PREVIEW_VIEWS) -> tuple[np.ndarray | None, list[str], str]:
+def render_preview(manifest: dict, cfg: config.Config, *, images: int = PREVIEW_IMAGES, views: int = PREVIEW_VIEWS,
+                   memo: dict | None = None) -> tuple[np.ndarray | None, list[str], str]:
     """imgcls.preview's grid (eval view, then training views drawn by the training code) for the first
     training image of `images` classes, decoded from the dataset folder: only those files, not the cache.
     Returns (grid, the class of each row, a note when there is no grid)."""
-    from imgcls import cache, data, layouts, preview
+    from imgcls import cache, data, preview
 
     root = Path(manifest.get("data", {}).get("root", ""))
     if not str(root) or not root.is_dir():
         return None, [], f"the dataset folder {root} is not there"
-    ds = layouts.read(root)
+    ds = read_dataset(root, memo)
     size = cfg.data.cache_size or cfg.data.image_size
     picked, arrays, seen = [], [], set()
     for s in ds.splits.get("train", []):
@@ -448,7 +461,8 @@ def mistakes_plot(source: Source, cfg: config.Config | None, pngs: dict[str, byt
     if len(rows) == 0:
         return "no held-out image is predicted wrong."
     ids = [probs.ids[r] for r in rows]
-    found, why = images_by_id(source.manifest, ids, size=MISTAKE_PX, resize=cfg.data.resize if cfg else "squash")
+    found, why = images_by_id(source.manifest, ids, size=MISTAKE_PX, resize=cfg.data.resize if cfg else "squash",
+                              memo=source.datasets)
     if found:
         names, preds = display_names(source.manifest, probs.classes), p.argmax(1)
         # At most ~32 characters a line, the width of a cell: the file name, not the id's folders.
@@ -465,7 +479,7 @@ def preview_plot(source: Source, cfg: config.Config | None, pngs: dict[str, byte
     if not (source.manifest and cfg):
         return [], "the run has no readable config.yaml or manifest.json"
     try:
-        grid, rows, note = render_preview(source.manifest, cfg)
+        grid, rows, note = render_preview(source.manifest, cfg, memo=source.datasets)
     except UserError as e:
         return [], str(e)
     if grid is not None:
@@ -503,6 +517,8 @@ pre.cols{column-count:3;column-gap:28px}
 
 def render_html(source: Source, cfg: config.Config | None, pngs: dict[str, bytes], per_class: list[dict], *,
                 section_notes: dict[str, str], preview_rows: list[str]) -> str:
+    from imgcls.cv import mean_std
+
     e = html.escape
     what = "cross validation" if source.kind == "cv" else "run"
     parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>imgcls report: {e(source.path.name)}"
@@ -517,11 +533,11 @@ def render_html(source: Source, cfg: config.Config | None, pngs: dict[str, bytes
     if source.kind == "cv":
         cv = source.cv
         fa = cv["fold_acc"]
-        final = [p["final_val_acc"] for p in cv["per_fold"]]
+        final = mean_std([p["final_val_acc"] for p in cv["per_fold"]])
         rows = [[p["fold"], p["run"], p["val_images"], f"{p['acc']:.4f}", p["best_epoch"],
                  f"{p['final_val_acc']:.4f}", f"{p['seconds']:.0f}"] for p in cv["per_fold"]]
         foot = ["mean ± std", "", sum(p["val_images"] for p in cv["per_fold"]), f"{fa['mean']:.4f} ± {fa['std']:.4f}",
-                "", f"{np.mean(final):.4f} ± {np.std(final, ddof=1) if len(final) > 1 else 0.0:.4f}", ""]
+                "", f"{final['mean']:.4f} ± {final['std']:.4f}", ""]
         parts.append(f"<h2>Folds ({cv['folds']}, seed {cv['seed']})</h2>")
         parts.append(_table(["fold", "run", "held-out images", "accuracy (best weights)", "best epoch",
                              "last-epoch val_acc", "seconds"], rows, foot=foot))
