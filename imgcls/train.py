@@ -469,16 +469,17 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
                          len(metrics), stopped, metrics)
     if stopped != "interrupted" and ranks.is_main and (out / "best.safetensors").is_file():
         with user_errors(cfg, out):
-            result.submission = finish(out, prep, rows, hw, eval_model, cfg)
+            result.submission = finish(out, prep, rows, hw, eval_model, cfg, images=images)
     return result
 
 
 def finish(out: Path, prep: Prepared, rows: dict[str, np.ndarray], hw: hardware.Hardware, model: nn.Module,
-           cfg: Config) -> Path | None:
-    """Best weights -> validation and test logits on disk, and the submission when there is a test split."""
+           cfg: Config, *, images: torch.Tensor | None = None) -> Path | None:
+    """Best weights -> validation and test logits on disk, and the submission when there is a test split.
+    `images`: the cache as fit() placed it (on the GPU when it fits), so it is not copied there again."""
     checkpoint.load_weights(model, out / "best.safetensors")
     size, bs = cfg.data.image_size, cfg.run.eval_batch_size
-    images = prep.images
+    images = prep.images if images is None else images
     val_logits = predict.infer(model, images, rows["val"], size=size, hw=hw, batch_size=bs)
     predict.save_probs(out / "val_logits.npz", ids=[prep.ids[i] for i in rows["val"]], classes=prep.classes,
                        logits=val_logits, labels=prep.labels[rows["val"]])
