@@ -106,6 +106,7 @@ def cmd_train(args) -> int:
     t0 = time.time()
     try:
         result = train.fit(cfg, prep, args.out, on_epoch=print_epoch, started=started, ranks=ranks)
+        ranks.barrier()  # rank 0 alone writes logits and submission after the last epoch: tear down together
     finally:
         distributed.shutdown(ranks)
     print(f"best val_acc {result.best_val_acc:.4f} at epoch {result.best_epoch}, "
