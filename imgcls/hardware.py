@@ -17,6 +17,10 @@ class Hardware:
     amp: torch.dtype | None  # autocast dtype, None = full fp32
     channels_last: bool
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
     def autocast(self):
         if self.amp is None:
             return contextlib.nullcontext()

@@ -34,10 +34,9 @@ def infer(model: nn.Module, images, rows: np.ndarray, *, size: int, hw: Hardware
     view(images_u8) -> images in [0, 1]; default: the plain evaluation view (resize only)."""
     model.eval()
     view = view or (lambda x: augment.eval_views(x, size=size))
-    memory_format = torch.channels_last if hw.channels_last else torch.contiguous_format
     out = []
     for batch in _batches(images, rows, batch_size, hw.device):
-        x = augment.normalize(view(batch)).contiguous(memory_format=memory_format)
+        x = augment.normalize(view(batch)).contiguous(memory_format=hw.memory_format)
         with hw.autocast():
             out.append(model(x).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
@@ -69,8 +68,7 @@ def load_run(run_dir: str | Path, *, weights: str = "best", hw: Hardware) -> Loa
     classes = manifest["classes"]
     model = create_model(cfg.model.model, len(classes), width=cfg.model.width, dropout=cfg.model.dropout)
     checkpoint.load_weights(model, run_dir / f"{weights}.safetensors")
-    memory_format = torch.channels_last if hw.channels_last else torch.contiguous_format
-    model.to(hw.device, memory_format=memory_format).eval()
+    model.to(hw.device, memory_format=hw.memory_format).eval()
     return LoadedRun(run_dir, cfg, classes, model)
 
 

@@ -260,12 +260,11 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     num_classes, size, batch_size = prep.dataset.num_classes, cfg.data.image_size, cfg.run.batch_size
     distributed.check_batch(batch_size, ranks.world, cfg.optim.accum_steps)
-    memory_format = torch.channels_last if hw.channels_last else torch.contiguous_format
 
     model = create_model(cfg.model.model, num_classes, width=cfg.model.width, dropout=cfg.model.dropout)
     if cfg.model.init:
         checkpoint.load_weights(model, Path(cfg.model.init))
-    model.to(hw.device, memory_format=memory_format)
+    model.to(hw.device, memory_format=hw.memory_format)
     ddp = distributed.wrap(model, ranks, hw.device, sync_bn=cfg.run.sync_bn)  # `model` itself on one process
     model = checkpoint.unwrap(ddp)  # the plain module (with SyncBatchNorm layers under sync_bn=true)
     if ranks.rank:  # dropout: a stream of its own on each rank but 0 (which draws what one process draws)
@@ -382,7 +381,7 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
                     targets = augment.one_hot(labels, num_classes, cfg.optim.label_smoothing)
                     x, targets = augment.train_views(batch, targets, aug_gen, pipeline)
                     x, targets = augment.mix(x, targets, aug_gen, cfg.aug, epoch=epoch, epochs=cfg.run.epochs)
-                    x = augment.normalize(x).contiguous(memory_format=memory_format)
+                    x = augment.normalize(x).contiguous(memory_format=hw.memory_format)
                 t1 = time.perf_counter()
                 for k, (xs, ts) in enumerate(zip(x.chunk(cfg.optim.accum_steps), targets.chunk(cfg.optim.accum_steps))):
                     with distributed.no_sync(ddp, skip=k < cfg.optim.accum_steps - 1):  # one all-reduce per step
