@@ -50,8 +50,8 @@ def imgcls_epochs(images: torch.Tensor, labels: torch.Tensor, cfg, *, batch: int
         for step in range(len(images) // batch):
             rows = perm[step * batch:(step + 1) * batch].to(images.device)
             targets = augment.one_hot(labels[rows].to(device), num_classes, 0.1)
-            x, targets = augment.train_views(images[rows].to(device, non_blocking=True), targets, aug_gen, pipeline)
-            x = augment.normalize(x)
+            x, targets = augment.train_views(images.index_select(0, rows).to(device, non_blocking=True), targets,
+                                             aug_gen, pipeline)
             seen += len(x)
         sync(device)
         rates.append(seen / (time.perf_counter() - t0))
@@ -151,9 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where imgcls augments")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers (default: all cores)")
     p.add_argument("--components", action="store_true", help="also time each augmentation step against kornia")
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings as they are "
+                   "(imgcls's command line calls hardware.keep_freed_memory)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="imgcls settings (default: the food11 aug)")
     args = p.parse_args(argv)
 
+    if not args.default_malloc:
+        hardware.keep_freed_memory()  # as `imgcls` does; before the DataLoader forks, so its workers get it too
     cfg = config.resolve(overrides=[f"image_size={args.size}", "cache_dir=", *FOOD11_AUG, *args.overrides])
     device = hardware.resolve(config.RunConfig(device=args.device)).device
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

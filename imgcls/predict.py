@@ -21,7 +21,7 @@ def _batches(images, rows: np.ndarray, batch_size: int, device: torch.device):
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         if isinstance(images, torch.Tensor):
-            yield images[torch.as_tensor(chunk, device=images.device)].to(device, non_blocking=True)
+            yield images.index_select(0, torch.as_tensor(chunk, device=images.device)).to(device, non_blocking=True)
         else:
             yield torch.from_numpy(np.ascontiguousarray(images[chunk])).to(device)
 
@@ -31,12 +31,12 @@ def infer(model: nn.Module, images, rows: np.ndarray, *, size: int, hw: Hardware
           view=None) -> torch.Tensor:
     """Logits (float32, on the CPU) for cache rows, in the order of `rows`.
 
-    view(images_u8) -> images in [0, 1]; default: the plain evaluation view (resize only)."""
+    view(images_u8) -> the model's input (normalized); default: the plain evaluation view (resize only)."""
     model.eval()
     view = view or (lambda x: augment.eval_views(x, size=size))
     out = []
     for batch in _batches(images, rows, batch_size, hw.device):
-        x = augment.normalize(view(batch)).contiguous(memory_format=hw.memory_format)
+        x = view(batch).contiguous(memory_format=hw.memory_format)
         with hw.autocast():
             out.append(model(x).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
@@ -180,7 +180,7 @@ FIXED_VIEWS = [("full", True), ("top_left", False), ("bottom_right", True), ("to
 
 
 def fixed_view(images_u8: torch.Tensor, *, size: int, crop: str, flip: bool) -> torch.Tensor:
-    """Cache rows -> one deterministic view in [0, 1]: a CROP-sized corner/centre crop (or the full
+    """Cache rows -> one deterministic view, normalized: a CROP-sized corner/centre crop (or the full
     image), optionally flipped, resized to `size`."""
     import torchvision.transforms.v2.functional as TF
 
@@ -194,7 +194,7 @@ def fixed_view(images_u8: torch.Tensor, *, size: int, crop: str, flip: bool) -> 
         x = TF.crop(x, top, left, c, c)
     if flip:
         x = TF.horizontal_flip(x)
-    return augment.resize(x, size)
+    return augment.normalize(augment.resize(x, size))
 
 
 def fixed_views(n: int, *, size: int, aug, seed: int, device: torch.device) -> list:

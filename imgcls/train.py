@@ -375,13 +375,13 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 # --- the training step ---
-                batch = images[batch_rows.to(images.device)].to(hw.device, non_blocking=True)
+                batch = images.index_select(0, batch_rows.to(images.device)).to(hw.device, non_blocking=True)  # images[rows]: 7x slower on the CPU
                 labels = labels_all[batch_rows].to(hw.device, non_blocking=True)
                 with torch.no_grad():
                     targets = augment.one_hot(labels, num_classes, cfg.optim.label_smoothing)
                     x, targets = augment.train_views(batch, targets, aug_gen, pipeline)
                     x, targets = augment.mix(x, targets, aug_gen, cfg.aug, epoch=epoch, epochs=cfg.run.epochs)
-                    x = augment.normalize(x).contiguous(memory_format=hw.memory_format)
+                    x = x.contiguous(memory_format=hw.memory_format)
                 t1 = time.perf_counter()
                 for k, (xs, ts) in enumerate(zip(x.chunk(cfg.optim.accum_steps), targets.chunk(cfg.optim.accum_steps))):
                     with distributed.no_sync(ddp, skip=k < cfg.optim.accum_steps - 1):  # one all-reduce per step

@@ -30,7 +30,8 @@ def photo_rows(n: int = 6, side: int = 40, seed: int = 0) -> torch.Tensor:
 
 
 def float_images(n: int = 6) -> torch.Tensor:
-    return augment.eval_views(photo_rows(n), size=SIZE)
+    """[n, 3, SIZE, SIZE] in [0, 1]: what the steps before `colour` pass on (on the GPU)."""
+    return augment.resize(augment.to_float(photo_rows(n)), SIZE)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -61,17 +62,32 @@ MIXES = {
 
 
 def step_inputs(name: str, n: int = 6):
+    """What each step gets in a pipeline: cache rows (uint8 view) for the crop, [0, 1] images for the
+    policy and colour, normalized images for erasing."""
     rows = photo_rows(n)
-    images = rows.permute(0, 3, 1, 2) if name.startswith("crop") else float_images(n)
+    images = (rows.permute(0, 3, 1, 2) if name.startswith("crop") else
+              augment.normalize(float_images(n)) if name == "erase" else float_images(n))
     return images, augment.one_hot(torch.arange(n) % 3, 3, 0.1)
+
+
+NORMALIZED_OUT = {"brightness", "contrast", "saturation", "hue", "jitter_and_grey", "erase"}
+
+
+def unit(out: torch.Tensor, name: str) -> torch.Tensor:
+    """A step's output in [0, 1] floats (uint8 from the CPU crop, normalized from colour and erasing)."""
+    if out.dtype == torch.uint8:
+        return out.float() / 255
+    return augment.denormalize(out) if name in NORMALIZED_OUT else out
 
 
 @pytest.mark.parametrize("name", STEPS)
 def test_step_keeps_dtype_range_shape_and_targets(name):
     images, targets = step_inputs(name)
     out, out_targets = STEPS[name](images, targets, gen())
-    assert out.dtype == torch.float32 and out.shape == (6, 3, SIZE, SIZE)
-    assert out.min() >= 0 and out.max() <= 1 and torch.isfinite(out).all()
+    assert out.dtype == (torch.uint8 if name.startswith("crop") else torch.float32)  # the CPU crop stays uint8
+    assert out.shape == (6, 3, SIZE, SIZE)
+    x = unit(out, name)
+    assert x.min() >= -1e-6 and x.max() <= 1 + 1e-6 and torch.isfinite(x).all()
     assert torch.equal(out_targets, targets)
 
 
@@ -100,7 +116,19 @@ def test_cpu_uint8_crop_matches_the_grid_sample_path():
     kw = dict(size=40, scale=(0.3, 1.0), ratio=(0.75, 1.33), hflip=0.5, rotate=0.0, translate=0.0)
     fast, _ = augment.geometric(rows.permute(0, 3, 1, 2), torch.zeros(16, 1), gen(1), **kw)
     warped, _ = augment.geometric(augment.to_float(rows), torch.zeros(16, 1), gen(1), **kw)
-    assert (fast - warped).abs().mean() < 0.03  # measured 0.012 (box rounding); a wrong flip or box gives 0.11
+    assert (fast.float() / 255 - warped).abs().mean() < 0.03  # measured 0.012 (box rounding); a wrong flip or box gives 0.11
+
+
+def test_cpu_uint8_warp_matches_the_grid_sample_path():
+    """With rotation and translation, OpenCV's warpAffine on the CPU runs the same per-image map as
+    grid_sample, reflection at the border included."""
+    rows = photo_rows(16, side=48)
+    kw = dict(size=40, scale=(0.3, 1.0), ratio=(0.75, 1.33), hflip=0.5, rotate=30.0, translate=0.2)
+    cpu, _ = augment.geometric(rows.permute(0, 3, 1, 2), torch.zeros(16, 1), gen(1), **kw)
+    warped, _ = augment.geometric(augment.to_float(rows), torch.zeros(16, 1), gen(1), **kw)
+    assert cpu.dtype == torch.uint8
+    diff = (cpu.float() / 255 - warped).abs()
+    assert diff.mean() < 0.003 and diff.max() < 0.1  # uint8 rounding; a half-pixel shift or wrong border gives more
 
 
 def test_colour_single_factors_match_torchvision():
@@ -112,16 +140,58 @@ def test_colour_single_factors_match_torchvision():
         factors = augment.uniform(4, 0.6, 1.4, gen(5))  # the colour step's first draw
         out, _ = augment.colour(x, ones, g, **{key: 0.4})
         expected = torch.stack([tv(img, float(f)) for img, f in zip(x, factors)])
-        torch.testing.assert_close(out, expected, atol=2e-4, rtol=0, msg=key)  # luma 0.299 here, 0.2989 there
+        torch.testing.assert_close(augment.denormalize(out), expected, atol=2e-4, rtol=0, msg=key)  # luma 0.299 / 0.2989
     grey, _ = augment.colour(x, ones, gen(), grayscale=1.0)
-    torch.testing.assert_close(grey, TF.rgb_to_grayscale(x, num_output_channels=3), atol=2e-4, rtol=0)
+    torch.testing.assert_close(augment.denormalize(grey), TF.rgb_to_grayscale(x, num_output_channels=3), atol=2e-4, rtol=0)
+    plain, _ = augment.colour(x, ones, gen())  # no factors: the normalization alone
+    torch.testing.assert_close(plain, augment.normalize(x))
+
+
+def test_jitter_factors_commute_so_one_map_is_any_order():
+    """torchvision applies brightness, contrast, saturation and hue in a random order per call. Without
+    clamping in between (low-chroma images: nothing leaves [0, 1]) every order gives the same image,
+    and that image is what `colour` makes from the same draws."""
+    import itertools
+
+    x = float_images(4) * 0.3 + 0.35
+    bri, con, sat, turns = (augment.uniform(4, lo, hi, g) for g in [gen(3)] for lo, hi in
+                            [(0.8, 1.2), (0.8, 1.2), (0.8, 1.2), (-0.1, 0.1)])  # the colour step's draws, in order
+    hue = augment._yiq_hue_rotations(turns)
+    ops = {"b": lambda im: torch.stack([TF.adjust_brightness(i, float(f)) for i, f in zip(im, bri)]),
+           "c": lambda im: torch.stack([TF.adjust_contrast(i, float(f)) for i, f in zip(im, con)]),
+           "s": lambda im: torch.stack([TF.adjust_saturation(i, float(f)) for i, f in zip(im, sat)]),
+           "h": lambda im: torch.einsum("bck,bkhw->bchw", hue, im)}
+    results = []
+    for order in itertools.permutations("bcsh"):
+        im = x
+        for k in order:
+            im = ops[k](im)
+        results.append(im)
+    assert all(r.min() > 0 and r.max() < 1 for r in results)  # no clamping happened
+    for r in results[1:]:
+        torch.testing.assert_close(r, results[0], atol=2e-4, rtol=0)  # luma 0.299 here, 0.2989 in torchvision
+    out, _ = augment.colour(x, torch.ones(4), gen(3), brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1)
+    torch.testing.assert_close(augment.denormalize(out), results[0], atol=2e-4, rtol=0)
+
+
+def test_cpu_uint8_colour_matches_the_float_path():
+    """From uint8 on the CPU (OpenCV, rounding to uint8 before normalizing) as from [0, 1] floats."""
+    rows = photo_rows(20, side=SIZE).permute(0, 3, 1, 2)
+    kw = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, grayscale=0.2)
+    cpu, _ = augment.colour(rows, torch.ones(20), gen(4), **kw)
+    flt, _ = augment.colour(rows.float() / 255, torch.ones(20), gen(4), **kw)
+    assert cpu.is_contiguous(memory_format=torch.channels_last)  # what the model takes on the CPU
+    diff = (augment.denormalize(cpu) - augment.denormalize(flt)).abs()
+    assert diff.max() <= 1 / 255 and diff.mean() < 0.3 / 255  # uint8 rounding (measured max 0.69/255), nothing else
+    plain, _ = augment.colour(rows, torch.ones(20), gen())
+    torch.testing.assert_close(plain, augment.normalize(rows.float() / 255))
 
 
 def test_hue_rotation_keeps_luma_and_a_full_turn_is_identity():
     x = float_images(4) * 0.2 + 0.4  # low chroma: rotated colours stay inside [0, 1], no clamping
     w = torch.tensor(augment.GREY).view(1, 3, 1, 1)
     out, _ = augment.colour(x, torch.ones(4), gen(), hue=0.3)
-    torch.testing.assert_close((out * w).sum(1), (x * w).sum(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close((augment.denormalize(out) * w).sum(1), (x * w).sum(1), atol=1e-5, rtol=0)
     turn = augment._yiq_hue_rotations(torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(turn, torch.eye(3).expand(2, 3, 3), atol=1e-5, rtol=0)
 
@@ -136,12 +206,12 @@ def test_every_policy_op_keeps_range_and_shape():
 
 
 def test_erasing_fills_one_box_with_the_mean_colour_and_p0_is_identity():
-    x = float_images(6)
+    x = augment.normalize(float_images(6))
     out, _ = augment.erase(x, torch.ones(6), gen(), p=1.0)
     changed = (out != x).any(1)  # [B, H, W]
     assert changed.flatten(1).any(1).all()
     mean = torch.tensor(augment.MEAN).view(3, 1)
-    for o, c in zip(out, changed):
+    for o, c in zip(augment.denormalize(out), changed):
         torch.testing.assert_close(o[:, c], mean.expand(3, int(c.sum())))
     same, _ = augment.erase(x, torch.ones(6), gen(), p=0.0)
     assert torch.equal(same, x)
@@ -329,7 +399,7 @@ def test_preview_uses_the_training_generator_and_pipeline(food10_slice):
     targets = augment.one_hot(torch.as_tensor(prep.labels[rows]), prep.dataset.num_classes, cfg.optim.label_smoothing)
     for k in (1, 2):
         x, _ = augment.train_views(batch, targets, g, steps)
-        assert np.array_equal(shown.views[:, k], preview.to_uint8(x))
-    assert np.array_equal(shown.views[:, 0], preview.to_uint8(augment.eval_views(batch, size=32)))
+        assert np.array_equal(shown.views[:, k], preview.to_uint8(augment.denormalize(x)))
+    assert np.array_equal(shown.views[:, 0], preview.to_uint8(augment.denormalize(augment.eval_views(batch, size=32))))
     assert len(set(prep.labels[rows])) == 2  # one image per class
     assert Path(prep.dataset.root) == Path(food10_slice)

@@ -197,7 +197,7 @@ def test_fixed_views_are_flips_and_shifted_crops_and_aug_views_are_seeded(small_
     only_flip = predict.tta_probs(model, images, rows, size=16, hw=CPU, n=1, weight=0.0, views="fixed")
     torch.testing.assert_close(only_flip, flipped)
     crop = predict.fixed_view(images, size=16, crop="bottom_right", flip=False)
-    torch.testing.assert_close(crop, augment.resize(augment.to_float(images)[..., 2:, 2:], 16))  # 87.5% of 20 px
+    torch.testing.assert_close(crop, augment.normalize(augment.resize(augment.to_float(images)[..., 2:, 2:], 16)))  # 87.5% of 20 px
     with pytest.raises(cli.UserError, match="fixed views"):
         predict.tta_probs(model, images, rows, size=16, hw=CPU, n=12)
     kw = dict(size=16, hw=CPU, n=3, weight=0.0, views="aug", aug=AugConfig())
