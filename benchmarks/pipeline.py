@@ -112,13 +112,19 @@ def components(images_u8: torch.Tensor, cfg, *, device: torch.device, reps: int 
     jitter = dict(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05)
     kornia_jitter = K.ColorJitter(**jitter, p=1.0)
     x_full = augment.to_float(u8)
+    rows = u8.permute(0, 3, 1, 2)  # what the first step gets: the uint8 cache rows as [B, 3, H, W]
+    crops = augment.geometric(rows, t, g, **geo)[0]  # uint8 on the CPU, float on the GPU
     cases = [
         ("uint8 rows -> float NCHW (as_float)", lambda: augment.to_float(u8)),
-        ("uint8 rows -> float, .float() on the channels-last view", lambda: u8.permute(0, 3, 1, 2).float().div_(255)),
-        ("geometric: crop+flip (CPU: uint8 resize per image)", lambda: augment.geometric(u8.permute(0, 3, 1, 2), t, g, **geo)),
+        ("uint8 rows -> float, .float() on the channels-last view", lambda: rows.float().div_(255)),
+        ("geometric: crop+flip (uint8 rows in; CPU: OpenCV resize per image)", lambda: augment.geometric(rows, t, g, **geo)),
+        ("geometric: + rotate 15, translate 0.1 (CPU: OpenCV warpAffine)",
+         lambda: augment.geometric(rows, t, g, **{**geo, "rotate": 15.0, "translate": 0.1})),
         ("geometric: crop+flip (grid_sample path, float in)", lambda: augment.geometric(x_full, t, g, **geo)),
         ("  kornia RandomResizedCrop + RandomHorizontalFlip", lambda: kornia_rrc(x_full)),
-        ("colour: b/c/s 0.2 + hue 0.05 (one 3x3 map)", lambda: augment.colour(x, t, g, **jitter)),
+        ("colour: b/c/s 0.2 + hue 0.05 + normalize, from the crop step", lambda: augment.colour(crops, t, g, **jitter)),
+        ("colour: the same from float [0, 1] (bmm path)", lambda: augment.colour(x, t, g, **jitter)),
+        ("colour: normalize alone, from the crop step", lambda: augment.colour(crops, t, g)),
         ("  kornia ColorJitter(0.2, 0.2, 0.2, 0.05)", lambda: kornia_jitter(x)),
         ("policy: RandAugment 2 ops, magnitude 9", lambda: augment.policy(x, t, g, space="randaugment", num_ops=2, magnitude=9)),
         ("  kornia RandAugment(n=2, m=9) (ops per batch)", lambda: KA.RandAugment(n=2, m=9)(x)),
@@ -126,7 +132,7 @@ def components(images_u8: torch.Tensor, cfg, *, device: torch.device, reps: int 
         ("  kornia TrivialAugment (op per batch)", lambda: KA.TrivialAugment()(x)),
         ("erase p=0.25", lambda: augment.erase(x, t, g, p=0.25)),
         ("  kornia RandomErasing(p=0.25)", lambda: K.RandomErasing(p=0.25)(x)),
-        ("normalize", lambda: augment.normalize(x)),
+        ("normalize (float [0, 1] in)", lambda: augment.normalize(x)),
     ]
     out = []
     for name, fn in cases:

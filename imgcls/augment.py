@@ -132,9 +132,11 @@ def geometric(images: torch.Tensor, targets: torch.Tensor, g: torch.Generator, *
     reflection. On the CPU (uint8 in, uint8 out) OpenCV works per image: crop and flip alone take one
     integer crop box per image as torchvision's RandomResizedCrop and resize it (cv2.resize: bilinear,
     area averaging when the box shrinks on both sides); with rotation or translation, cv2.warpAffine
-    runs the GPU path's affine map. 128 crops to 128 px: resize + flip 2.9-5.2 ms, where torch's
-    uint8 antialiased resize per image took 8.5-9.0 ms and grid_sample 28-50 ms (2-core AMD EPYC,
-    2026-11-29). Both paths draw the same parameters.
+    runs the GPU path's affine map. 128 crops of the 128 px food-10 cache to 128 px, on a 2-core AMD
+    EPYC VM (`benchmarks/pipeline.py --components`, 2026-11-29): crop + flip 7.3-8.8 ms, with rotation
+    and translation 20.2 ms, against 48-50 ms for grid_sample and 32-33 ms for kornia's
+    RandomResizedCrop + RandomHorizontalFlip; torch's uint8 antialiased resize, our previous CPU
+    path, took 1.5-2x OpenCV's time for the same crops. Both paths draw the same parameters.
     """
     b = images.shape[0]
     w, h = crop_sides(b, scale, ratio, g)
@@ -304,10 +306,12 @@ def _normalized_colour_map(images: torch.Tensor, m: torch.Tensor | None, pull: t
     """uint8 or [0, 1] images -> normalize(clamp(m x + pull * mean_grey(x), 0, 1)) per image;
     m = None: normalize alone; pull = None: no offset.
 
-    CPU, uint8, 128 images at 128 px (2-core AMD EPYC, 2026-11-29): OpenCV's mean and transform per
-    image (uint8 -> uint8, ~13 us an image) and the tiled multiply-add (2.4 ms for the batch) against
-    7-9 ms for a float transform + per-channel clamp per image, and 6-8 ms for bmm + clamps over the
-    planar float batch, which the model then wants copied to channels-last (+2.5 ms)."""
+    128 images at 128 px on a 2-core AMD EPYC VM (`benchmarks/pipeline.py --components`,
+    2026-11-29): from the uint8 crops, b/c/s 0.2 + hue 0.05 + normalize 7.9-10.7 ms (OpenCV's
+    mean + transform per image, uint8 -> uint8, and the tiled multiply-add: 3.2-4.0 ms of it), the
+    normalization alone 4.0 ms. The bmm path needs float input (+3.5 ms from uint8) and gives planar
+    output, which the model then wants copied to channels-last (+2.5 ms); a float OpenCV transform
+    with a per-channel clamp took 6-9 ms before the normalization."""
     if images.dtype == torch.uint8 and images.device.type == "cpu":
         if m is not None:
             images = _from_nhwc(torch.from_numpy(_colour_map_cv2(_nhwc(images), m, pull)))
