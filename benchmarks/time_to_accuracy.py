@@ -18,7 +18,10 @@ given) after every epoch, as timm's train.py does.
 By default both sides use the same precision and memory format: bf16 autocast where imgcls's
 amp=auto turns it on (CUDA, and CPUs with AMX/AVX512_BF16; `--amp off` for fp32) and channels_last.
 timm's train.py defaults to neither: `--timm-amp off --timm-channels-last off` runs timm's side as
-a user who runs train.py without those flags gets it, against imgcls's defaults. Besides the figures of each side it
+a user who runs train.py without those flags gets it, against imgcls's defaults. The imgcls command
+line also keeps freed memory in its process (`hardware.keep_freed_memory`, glibc's malloc settings);
+by default timm's side runs first without it and imgcls's after it is set, as the two programs would
+run (`--keep-freed-memory both|none` to give both sides the same). Besides the figures of each side it
 prints where the wall time went: imgcls's data/model/eval seconds from its metrics.jsonl, and for
 timm the time spent waiting for the loader's workers (train.py's data_time), in the model step and
 in evaluation.
@@ -263,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="timm's side alone (off: train.py's default, fp32)")
     p.add_argument("--workers", type=int, default=cores, help="timm DataLoader workers (train.py: --workers)")
     p.add_argument("--only", choices=["imgcls", "timm"], help="run one side (for profiling)")
+    p.add_argument("--keep-freed-memory", choices=["imgcls", "both", "none"], default="imgcls",
+                   help="who runs with hardware.keep_freed_memory(), which the imgcls command line calls for its "
+                        "process (imgcls: timm's side runs first, with glibc's malloc as it comes, then imgcls's)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -287,18 +293,24 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} torch threads")
     print(f"data: {args.data}, {args.classes} classes x {args.per_class} = {len(chosen)} images, "
           f"{len(held)} held out (stratified, seed {args.seed})")
-    print("recipe: " + ", ".join(f"{k}={v}" for k, v in asdict(recipe).items()) + f"; timm workers={args.workers}")
+    print("recipe: " + ", ".join(f"{k}={v}" for k, v in asdict(recipe).items()) + f"; timm workers={args.workers}; "
+          f"keep_freed_memory: {args.keep_freed_memory}")
 
     work = Path(tempfile.mkdtemp(prefix="imgcls-tta-", dir="/tmp"))
     try:
         view = work / "view"
         make_view(view, [paths[i] for i in chosen], labels[chosen], class_names, held)
         read_all(view)
-        outcomes = []
+        outcomes = {}
+        if args.keep_freed_memory == "both":
+            hardware.keep_freed_memory()
+        if args.only in (None, "timm"):  # first: the malloc settings, once made, stay for the process
+            outcomes["timm"] = run_timm(view, recipe, work, workers=args.workers)
         if args.only in (None, "imgcls"):
-            outcomes.append(run_imgcls(view, recipe, work))
-        if args.only in (None, "timm"):
-            outcomes.append(run_timm(view, recipe, work, workers=args.workers))
+            if args.keep_freed_memory == "imgcls":
+                hardware.keep_freed_memory()
+            outcomes["imgcls"] = run_imgcls(view, recipe, work)
+        outcomes = [outcomes[k] for k in ("imgcls", "timm") if k in outcomes]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

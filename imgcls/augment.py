@@ -116,8 +116,9 @@ def _nhwc(images: torch.Tensor) -> np.ndarray:
     return images.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def _from_nhwc(array: torch.Tensor) -> torch.Tensor:
-    return array.permute(0, 3, 1, 2)  # [B, 3, H, W] in channels-last memory, as the model takes it on the CPU
+def _from_nhwc(images: torch.Tensor) -> torch.Tensor:
+    """[B, H, W, 3] -> [B, 3, H, W] in channels-last memory, as the model takes it on the CPU."""
+    return images.permute(0, 3, 1, 2)
 
 
 # --- geometric ---------------------------------------------------------------------------------
