@@ -26,7 +26,8 @@ prints where the wall time went: imgcls's data/model/eval seconds from its metri
 timm the time spent waiting for the loader's workers (train.py's data_time), in the model step and
 in evaluation.
 
-    # CPU (about 4 minutes with bf16, 7 in fp32, on 2 cores): a small model, 64 px, a tiny-imagenet-100 subset
+    # CPU (4 minutes with bf16, 7 in fp32 on a 2-core Xeon; 11-14 in fp32 on a 2-core AVX2 EPYC VM):
+    # a small model, 64 px, a tiny-imagenet-100 subset
     flock /tmp/imgcls-cpu.lock python benchmarks/time_to_accuracy.py
     # GPU: tiny-imagenet-100 whole (10% held out), 64 px, ResNet-18 for small inputs
     python benchmarks/time_to_accuracy.py --device cuda --model resnet18s --width 64 --classes 100 \\
