@@ -19,7 +19,7 @@ By default both sides use the same precision and memory format: bf16 autocast wh
 amp=auto turns it on (CUDA, and CPUs with AMX/AVX512_BF16; `--amp off` for fp32) and channels_last.
 timm's train.py defaults to neither: `--timm-amp off --timm-channels-last off` runs timm's side as
 a user who runs train.py without those flags gets it, against imgcls's defaults. The imgcls command
-line also keeps freed memory in its process (`hardware.keep_freed_memory`, glibc's malloc settings);
+line also keeps freed memory in its process (`malloc.keep_freed_memory`, glibc's malloc settings);
 by default timm's side runs first without it and imgcls's after it is set, as the two programs would
 run (`--keep-freed-memory both|none` to give both sides the same). Besides the figures of each side it
 prints where the wall time went: imgcls's data/model/eval seconds from its metrics.jsonl, and for
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcls import config, data, layouts
+from imgcls import config, data, layouts, malloc
 
 # torch, timm and imgcls.train (which imports torch) are imported inside the functions: the cache
 # build starts its decoding workers with `spawn`, which re-imports this file in each worker, and a
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=cores, help="timm DataLoader workers (train.py: --workers)")
     p.add_argument("--only", choices=["imgcls", "timm"], help="run one side (for profiling)")
     p.add_argument("--keep-freed-memory", choices=["imgcls", "both", "none"], default="imgcls",
-                   help="who runs with hardware.keep_freed_memory(), which the imgcls command line calls for its "
+                   help="who runs with malloc.keep_freed_memory(), which the imgcls command line calls for its "
                         "process (imgcls: timm's side runs first, with glibc's malloc as it comes, then imgcls's)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
@@ -304,12 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         read_all(view)
         outcomes = {}
         if args.keep_freed_memory == "both":
-            hardware.keep_freed_memory()
+            malloc.keep_freed_memory()
         if args.only in (None, "timm"):  # first: the malloc settings, once made, stay for the process
             outcomes["timm"] = run_timm(view, recipe, work, workers=args.workers)
         if args.only in (None, "imgcls"):
             if args.keep_freed_memory == "imgcls":
-                hardware.keep_freed_memory()
+                malloc.keep_freed_memory()
             outcomes["imgcls"] = run_imgcls(view, recipe, work)
         outcomes = [outcomes[k] for k in ("imgcls", "timm") if k in outcomes]
     finally:

@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     # Intermixed: `train DATA --out RUN epochs=3` and `train DATA epochs=3 --out RUN` both work.
     args = commands[argv[0]].parse_intermixed_args(argv[1:])
     args.command = argv[0]
-    from imgcls.hardware import keep_freed_memory
+    from imgcls.malloc import keep_freed_memory  # torch-free: `imgcls inspect` does not import torch
 
     keep_freed_memory()  # this process is ours: reuse freed memory, no page faults per step
     try:
