@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Callable
 
 import numpy as np
@@ -86,10 +86,11 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 # --- per image, on the CPU ---------------------------------------------------------------------
 
+@cache
 def _opencv():
     import cv2
 
-    cv2.setNumThreads(1)  # images are spread over threads by per_image; OpenCV's own pool on top oversubscribes
+    cv2.setNumThreads(1)  # once per process: per_image spreads images over threads; OpenCV's own pool on top oversubscribes
     return cv2
 
 
@@ -111,9 +112,9 @@ def per_image(fn: Callable[[int], None], n: int) -> None:
 _POOLS: dict[int, ThreadPoolExecutor] = {}  # kept between batches: starting threads costs ~0.3 ms a batch
 
 
-def _nhwc(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] uint8 or float on the CPU -> a [B, H, W, 3] array (no copy for the cache rows' view)."""
-    return images.permute(0, 2, 3, 1).contiguous().numpy()
+def _nhwc(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> contiguous [B, H, W, 3] (no copy for the cache rows' view or the crop step's output)."""
+    return images.permute(0, 2, 3, 1).contiguous()
 
 
 def _from_nhwc(images: torch.Tensor) -> torch.Tensor:
@@ -183,7 +184,7 @@ def _crop_resize_cv2(images: torch.Tensor, *, size: int, w, h, cx, cy, flip) -> 
     """uint8 [B, 3, S, S] -> uint8 [B, 3, size, size] (channels-last memory): per-image integer crop
     box, resized and flipped by OpenCV straight into the batch."""
     cv2 = _opencv()
-    src = _nhwc(images)
+    src = _nhwc(images).numpy()
     side = src.shape[1]
     boxes = []
     for wi, hi, x, y in zip(w.tolist(), h.tolist(), cx.tolist(), cy.tolist()):
@@ -212,7 +213,7 @@ def _warp_cv2(images: torch.Tensor, theta: torch.Tensor, *, size: int) -> torch.
     [B, 2, 3] of `warp` (output -> input, [-1, 1] coordinates, align_corners=False), bilinear,
     reflected at the border as grid_sample's padding_mode="reflection"."""
     cv2 = _opencv()
-    src = _nhwc(images)
+    src = _nhwc(images).numpy()
     side = src.shape[1]
     # pixel centre u of n pixels <-> (2u + 1) / n - 1; theta acts between those coordinates
     out_to_unit = torch.tensor([[2 / size, 0, 1 / size - 1], [0, 2 / size, 1 / size - 1], [0, 0, 1]],
@@ -314,7 +315,7 @@ def _normalized_colour_map(images: torch.Tensor, m: torch.Tensor | None, pull: t
     output, which the model then wants copied to channels-last (+2.5 ms); a float OpenCV transform
     with a per-channel clamp took 6-9 ms before the normalization."""
     if images.dtype == torch.uint8 and images.device.type == "cpu":
-        nhwc = images.permute(0, 2, 3, 1).contiguous()  # no copy for the crop step's output
+        nhwc = _nhwc(images)
         if m is not None:
             nhwc = torch.from_numpy(_colour_map_cv2(nhwc.numpy(), m, pull))
         return _normalize_nhwc(nhwc)
