@@ -140,17 +140,17 @@ def geometric(images: torch.Tensor, targets: torch.Tensor, g: torch.Generator, *
     RandomResizedCrop + RandomHorizontalFlip; torch's uint8 antialiased resize, our previous CPU
     path, took 1.5-2x OpenCV's time for the same crops. Both paths draw the same parameters.
     """
-    b = images.shape[0]
-    w, h = crop_sides(b, scale, ratio, g)
-    cx = (uniform(b, -1, 1, g) * (1 - w))  # crop centre in [-1, 1] coordinates, inside the image
-    cy = (uniform(b, -1, 1, g) * (1 - h))
+    b, side = images.shape[0], images.shape[-2]
+    w, h = crop_sides(b, scale, ratio, g, side=side)
+    ux, uy = torch.rand(2, b, generator=g, device=g.device)  # where the crop sits: 0 = left/top edge, 1 = right/bottom
+    cx, cy = (2 * ux - 1) * (1 - w), (2 * uy - 1) * (1 - h)  # crop centre in [-1, 1] coordinates
     if translate > 0:
         cx = cx + uniform(b, -2 * translate, 2 * translate, g)
         cy = cy + uniform(b, -2 * translate, 2 * translate, g)
     flip = torch.where(torch.rand(b, generator=g, device=g.device) < hflip, -1.0, 1.0)
     cpu = images.dtype == torch.uint8 and images.device.type == "cpu"
     if cpu and rotate == 0 and translate == 0:
-        return _crop_resize_cv2(images, size=size, w=w, h=h, cx=cx, cy=cy, flip=flip < 0), targets
+        return _crop_resize_cv2(images, size=size, w=w, h=h, ux=ux, uy=uy, flip=flip < 0), targets
     angle = uniform(b, -rotate, rotate, g) * (math.pi / 180) if rotate > 0 else torch.zeros(b, device=g.device)
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.stack([
@@ -163,35 +163,43 @@ def geometric(images: torch.Tensor, targets: torch.Tensor, g: torch.Generator, *
 
 
 def crop_sides(b: int, scale: tuple[float, float], ratio: tuple[float, float], g: torch.Generator, *,
-               tries: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random-resized-crop width and height as fractions of the (square) image side, drawn as
-    torchvision's RandomResizedCrop.get_params: up to `tries` (area, log-aspect) candidates per image,
-    the first whose sides both fit, else the whole image. Clamping a candidate that does not fit
-    instead of drawing again favours large crops: mean area 0.667 against torchvision's 0.620 at
-    scale (0.35, 1), a weaker augmentation than the one timm and torchvision users know (issue 7)."""
+               side: int, tries: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random-resized-crop width and height as fractions (at most 1) of the square image's `side`
+    pixels, drawn as torchvision's RandomResizedCrop.get_params and timm's
+    RandomResizedCropAndInterpolation: up to `tries` (area, log-aspect) candidates per image, the
+    first whose sides, rounded to pixels, both fit, else the whole image. Clamping a candidate that
+    does not fit instead of drawing again favours large crops (mean area 0.667 against 0.621 at scale
+    (0.35, 1)); testing the fit before rounding to pixels favours small ones (0.615 at 64 px): both
+    are augmentations other than the one timm and torchvision users know (issue 7)."""
     area = uniform(b * tries, scale[0], scale[1], g).view(b, tries)
     aspect = torch.exp(uniform(b * tries, math.log(ratio[0]), math.log(ratio[1]), g)).view(b, tries)
     w, h = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
-    fits = (w <= 1) & (h <= 1)
+    fits = ((w * side).round() <= side) & ((h * side).round() <= side)
     first = fits.int().argmax(1, keepdim=True)  # the first candidate that fits (0 when none does)
     found = fits.any(1)
-    w = torch.where(found, w.gather(1, first).squeeze(1), 1.0)
-    h = torch.where(found, h.gather(1, first).squeeze(1), 1.0)
+    w = torch.where(found, w.gather(1, first).squeeze(1).clamp(max=1), 1.0)
+    h = torch.where(found, h.gather(1, first).squeeze(1).clamp(max=1), 1.0)
     return w, h
 
 
-def _crop_resize_cv2(images: torch.Tensor, *, size: int, w, h, cx, cy, flip) -> torch.Tensor:
+def crop_boxes(w: torch.Tensor, h: torch.Tensor, ux: torch.Tensor, uy: torch.Tensor, *,
+               side: int) -> list[tuple[int, int, int, int]]:
+    """(top, left, height, width) pixel boxes as torchvision's get_params makes them: the sides
+    (fractions of `side`) rounded to pixels, the offsets uniform over the side - width + 1 positions
+    that fit (ux, uy in [0, 1))."""
+    boxes = []
+    for wi, hi, x, y in zip(w.tolist(), h.tolist(), ux.tolist(), uy.tolist()):
+        cw, ch = max(1, round(wi * side)), max(1, round(hi * side))
+        boxes.append((min(side - ch, int(y * (side - ch + 1))), min(side - cw, int(x * (side - cw + 1))), ch, cw))
+    return boxes
+
+
+def _crop_resize_cv2(images: torch.Tensor, *, size: int, w, h, ux, uy, flip) -> torch.Tensor:
     """uint8 [B, 3, S, S] -> uint8 [B, 3, size, size] (channels-last memory): per-image integer crop
     box, resized and flipped by OpenCV straight into the batch."""
     cv2 = _opencv()
     src = _nhwc(images).numpy()
-    side = src.shape[1]
-    boxes = []
-    for wi, hi, x, y in zip(w.tolist(), h.tolist(), cx.tolist(), cy.tolist()):
-        cw, ch = min(side, max(1, round(wi * side))), min(side, max(1, round(hi * side)))
-        left = min(side - cw, max(0, round((x + 1) / 2 * side - cw / 2)))
-        top = min(side - ch, max(0, round((y + 1) / 2 * side - ch / 2)))
-        boxes.append((top, left, ch, cw))
+    boxes = crop_boxes(w, h, ux, uy, side=src.shape[1])
     flips = flip.tolist()
     out = torch.empty(len(src), size, size, 3, dtype=torch.uint8)
     dst = out.numpy()
