@@ -34,9 +34,9 @@ from imgcls.errors import UserError
 
 OUTCOME = "outcome.json"
 # Settings that may change between the first run of a cv/seeds command and a rerun of its
-# failed jobs: they change where and how fast a job runs, not what it learns.
+# failed jobs: they change where and how fast a job runs and what it logs, not what it learns.
 RERUN_MAY_CHANGE = {"device", "progress", "eval_batch_size", "data_on_device", "decode_workers", "cache_dir",
-                    "time_limit", "checkpoint_minutes", "compile", "seeds"}
+                    "time_limit", "checkpoint_minutes", "compile", "seeds", "tensorboard"}
 
 
 # --- folds ---------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import csv
 import dataclasses
+import functools
 import html
 import io
 import json
@@ -115,11 +116,18 @@ def display_names(manifest: dict, classes: list[str]) -> list[str]:
     words = Path(manifest.get("data", {}).get("root", "")) / "words.txt"
     if manifest.get("data", {}).get("layout") != "tiny-imagenet" or not words.is_file():
         return list(classes)
+    names = _wordnet_names(words)
+    return [names.get(c) or c for c in classes]
+
+
+@functools.lru_cache(maxsize=4)
+def _wordnet_names(words: Path) -> dict[str, str]:
+    """wnid -> its first name in words.txt (the full Tiny ImageNet one has 82,115 lines; a report asks three times)."""
     names = {}
     for line in words.read_text(errors="replace").splitlines():
         wnid, _, text = line.partition("\t")
         names[wnid.strip()] = text.split(",")[0].strip()
-    return [names.get(c) or c for c in classes]
+    return names
 
 
 def _short(name: str, n: int = 22) -> str:
