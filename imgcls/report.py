@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import csv
 import dataclasses
-import functools
 import html
 import io
 import json
@@ -51,6 +50,7 @@ class Source:
     cv: dict | None = None  # cv.json
     notes: list[str] = field(default_factory=list)
     datasets: dict = field(default_factory=dict, repr=False)  # root -> layouts.read(root), read once per report
+    words: dict | None = field(default=None, repr=False)  # wnid -> words.txt name, read once per report
 
 
 @dataclass
@@ -111,23 +111,18 @@ def read_source(path: str | Path) -> Source:
     return source
 
 
-def display_names(manifest: dict, classes: list[str]) -> list[str]:
+def display_names(source: Source, classes: list[str]) -> list[str]:
     """Names for the axes: a Tiny ImageNet wnid becomes its first words.txt name ('goldfish')."""
-    words = Path(manifest.get("data", {}).get("root", "")) / "words.txt"
-    if manifest.get("data", {}).get("layout") != "tiny-imagenet" or not words.is_file():
+    data = source.manifest.get("data", {})
+    words = Path(data.get("root", "")) / "words.txt"
+    if data.get("layout") != "tiny-imagenet" or not words.is_file():
         return list(classes)
-    names = _wordnet_names(words)
-    return [names.get(c) or c for c in classes]
-
-
-@functools.lru_cache(maxsize=4)
-def _wordnet_names(words: Path) -> dict[str, str]:
-    """wnid -> its first name in words.txt (the full Tiny ImageNet one has 82,115 lines; a report asks three times)."""
-    names = {}
-    for line in words.read_text(errors="replace").splitlines():
-        wnid, _, text = line.partition("\t")
-        names[wnid.strip()] = text.split(",")[0].strip()
-    return names
+    if source.words is None:  # a report asks three times: read the file once
+        source.words = {}
+        for line in words.read_text(errors="replace").splitlines():
+            wnid, _, text = line.partition("\t")
+            source.words[wnid.strip()] = text.split(",")[0].strip()
+    return [source.words.get(c) or c for c in classes]
 
 
 def _short(name: str, n: int = 22) -> str:
@@ -449,7 +444,7 @@ def write(path: str | Path, *, mistakes: int = MISTAKES) -> Report:
 def held_out_plots(source: Source, pngs: dict[str, bytes]) -> tuple[np.ndarray, list[dict], str]:
     """Confusion matrix and per-class accuracy of the held-out predictions: (counts, rows, per_class.csv)."""
     probs = source.probs
-    names = display_names(source.manifest, probs.classes)
+    names = display_names(source, probs.classes)
     counts = confusion_matrix(probs.labels, probs.probs.argmax(1).numpy(), len(probs.classes))
     per_class = per_class_rows(counts, probs.classes)
     pngs["confusion.png"] = plot_confusion(counts, names)
@@ -472,7 +467,7 @@ def mistakes_plot(source: Source, cfg: config.Config | None, pngs: dict[str, byt
     found, why = images_by_id(source.manifest, ids, size=MISTAKE_PX, resize=cfg.data.resize if cfg else "squash",
                               memo=source.datasets)
     if found:
-        names, preds = display_names(source.manifest, probs.classes), p.argmax(1)
+        names, preds = display_names(source, probs.classes), p.argmax(1)
         # At most ~32 characters a line, the width of a cell: the file name, not the id's folders.
         titles = [f"{_short(probs.ids[r].rsplit('/', 1)[-1], 28)}\ntrue: {_short(names[labels[r]], 19)} "
                   f"({p[r, labels[r]]:.2f})\npred: {_short(names[preds[r]], 19)} ({p[r, preds[r]]:.2f})" for r in rows]
@@ -494,7 +489,7 @@ def preview_plot(source: Source, cfg: config.Config | None, pngs: dict[str, byte
         buf = io.BytesIO()
         Image.fromarray(grid).save(buf, format="PNG")
         pngs["preview.png"] = buf.getvalue()
-    return display_names(source.manifest, rows), note
+    return display_names(source, rows), note
 
 
 def _img(data: bytes, alt: str) -> str:
