@@ -8,7 +8,7 @@ images (a stratified part of the labelled training images; tiny-imagenet's test 
 given) after every epoch, as timm's train.py does.
 
   (a) imgcls: `config.resolve` -> `data.prepare` (decodes every image once into a fresh uint8
-      cache; its time is part of imgcls's wall time and is also shown alone) -> `train.fit`.
+      cache; its time is part of imgcls's wall time and is also shown alone) -> `training.fit`.
   (b) timm: `timm.data.create_dataset` on an ImageFolder view (symlinks under /tmp) of the same
       images, `create_loader` (train.py's defaults: prefetcher on, num_workers = cores) with
       `create_transform`'s train/eval transforms, `create_optimizer_v2`, `CosineLRScheduler`
@@ -133,7 +133,7 @@ def read_all(view: Path) -> None:
 # --- (a) imgcls ---------------------------------------------------------------------------------
 
 def run_imgcls(view: Path, r: Recipe, work: Path) -> Outcome:
-    from imgcls import train
+    from imgcls import training
 
     overrides = {
         "model": r.model, "width": r.width, "image_size": r.size, "epochs": r.epochs, "batch_size": r.batch,
@@ -147,7 +147,7 @@ def run_imgcls(view: Path, r: Recipe, work: Path) -> Outcome:
     cfg = config.resolve(overrides=overrides)
     prep = data.prepare(view, cfg, progress=False)  # a fresh cache_dir: always a real build
     prepared = time.perf_counter() - t0
-    result = train.fit(cfg, prep, work / "imgcls-run")
+    result = training.fit(cfg, prep, work / "imgcls-run")
     wall = time.perf_counter() - t0
     parts = {k: sum(m[f"{k}_seconds"] for m in result.metrics) for k in ("data", "model", "eval")}
     return Outcome("imgcls", wall, prepared, len(prep.rows["train"]), result.epochs_done, result.final_val_acc,
@@ -163,7 +163,7 @@ def run_timm(view: Path, r: Recipe, work: Path, *, workers: int) -> Outcome:
     import timm.scheduler
     import torch
 
-    from imgcls import train
+    from imgcls import optim
     from imgcls.models import create_model
 
     device = torch.device(r.device)
@@ -182,7 +182,7 @@ def run_timm(view: Path, r: Recipe, work: Path, *, workers: int) -> Outcome:
     # crop_pct=1, squash: the whole image resized to size, the view imgcls evaluates on (its cache rows).
     eval_loader = timm.data.create_loader(eval_set, batch_size=r.eval_batch, is_training=False, crop_pct=1.0,
                                           crop_mode="squash", **common)
-    optimizer = timm.optim.create_optimizer_v2(model, opt="sgd", lr=train.peak_lr(config.OptimConfig(lr=r.lr), r.batch),
+    optimizer = timm.optim.create_optimizer_v2(model, opt="sgd", lr=optim.peak_lr(config.OptimConfig(lr=r.lr), r.batch),
                                                weight_decay=r.weight_decay, momentum=r.momentum)  # sgd = Nesterov
     steps = len(train_loader)
     warmup = int(r.warmup_epochs * steps)

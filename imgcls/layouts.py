@@ -47,6 +47,11 @@ class Dataset:
     def counts(self) -> dict[str, int]:
         return {name: len(samples) for name, samples in self.splits.items()}
 
+    def describe(self) -> str:
+        """One line: where, which layout, how many classes and images per split."""
+        counts = ", ".join(f"{k} {v}" for k, v in self.counts().items())
+        return f"{self.root}: {self.layout} layout, {self.num_classes} classes, {counts}"
+
     def check(self) -> None:
         """Raise one UserError listing every problem that would make the submission wrong."""
         if self.errors:

@@ -410,19 +410,19 @@ def test_preview_writes_grid_and_views_with_five_distinct_views(food10_slice, tm
 
 def test_preview_uses_the_training_generator_and_pipeline(food10_slice):
     """The preview's views are exactly what train_views gives with fit()'s augmentation seed."""
-    from imgcls import data, hardware, preview
+    from imgcls import data, hardware, previewing
 
     cfg = config.resolve(overrides=["image_size=32", "device=cpu", "decode_workers=1", "seed=3", "hue=0.1"])
     prep = data.prepare(food10_slice, cfg, progress=False)
-    shown = preview.render(prep, cfg, views=2, images=2)
-    rows = preview.pick_rows(prep, 2)
+    shown = previewing.render(prep, cfg, views=2, images=2)
+    rows = previewing.pick_rows(prep, 2)
     g = hardware.make_generator(torch.device("cpu"), cfg.run.seed + 1)
     steps = augment.build_train_pipeline(cfg.aug, size=32)
     batch = torch.from_numpy(np.array(prep.images[rows]))
     targets = augment.one_hot(torch.as_tensor(prep.labels[rows]), prep.dataset.num_classes, cfg.optim.label_smoothing)
     for k in (1, 2):
         x, _ = augment.train_views(batch, targets, g, steps)
-        assert np.array_equal(shown.views[:, k], preview.to_uint8(augment.denormalize(x)))
-    assert np.array_equal(shown.views[:, 0], preview.to_uint8(augment.denormalize(augment.eval_views(batch, size=32))))
+        assert np.array_equal(shown.views[:, k], previewing.to_uint8(augment.denormalize(x)))
+    assert np.array_equal(shown.views[:, 0], previewing.to_uint8(augment.denormalize(augment.eval_views(batch, size=32))))
     assert len(set(prep.labels[rows])) == 2  # one image per class
     assert Path(prep.dataset.root) == Path(food10_slice)

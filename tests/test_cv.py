@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import FAST
-from imgcls import cli, cv, layouts, predict
+from imgcls import cli, crossval, ensemble, inference, jobs, layouts
 from imgcls.hardware import Hardware
 from imgcls.models import create_model
 
@@ -32,43 +32,43 @@ def labelled_ids(root):
 def test_folds_are_disjoint_stratified_cover_everything_and_seeded():
     labels = np.repeat(np.arange(4), [23, 17, 10, 5])
     np.random.default_rng(0).shuffle(labels)
-    fold = cv.stratified_folds(labels, 5, seed=3)
+    fold = crossval.stratified_folds(labels, 5, seed=3)
     assert fold.shape == labels.shape and set(fold.tolist()) == set(range(5))  # each image in exactly one fold
     for c, n in zip(range(4), (23, 17, 10, 5)):
         per_fold = np.bincount(fold[labels == c], minlength=5)
         assert per_fold.sum() == n and per_fold.max() - per_fold.min() <= 1, (c, per_fold)
-    np.testing.assert_array_equal(fold, cv.stratified_folds(labels, 5, seed=3))
-    assert (fold != cv.stratified_folds(labels, 5, seed=4)).any()
+    np.testing.assert_array_equal(fold, crossval.stratified_folds(labels, 5, seed=3))
+    assert (fold != crossval.stratified_folds(labels, 5, seed=4)).any()
 
 
 def test_a_class_smaller_than_k_is_a_user_error():
     with pytest.raises(cli.UserError, match="fewer labelled images than the 5 folds"):
-        cv.stratified_folds(np.array([0] * 10 + [1] * 3), 5, seed=0)
+        crossval.stratified_folds(np.array([0] * 10 + [1] * 3), 5, seed=0)
 
 
 # --- cv end to end ------------------------------------------------------------------------------
 
 def test_cv_writes_fold_runs_oof_summary_submission_and_reruns_a_failed_fold_alone(
         food11_tiny, tmp_path, monkeypatch, capsys):
-    from imgcls import train
+    from imgcls import training
 
     out = tmp_path / "cv"
-    real_fit = train.fit
+    real_fit = training.fit
 
     def fit_failing_fold_1(cfg, prep, run_dir, **kw):
         if run_dir.name == "fold-1":
             raise RuntimeError("simulated out of memory")
         return real_fit(cfg, prep, run_dir, **kw)
 
-    monkeypatch.setattr(train, "fit", fit_failing_fold_1)
+    monkeypatch.setattr(training, "fit", fit_failing_fold_1)
     assert cli.main(["cv", str(food11_tiny), "--folds", "3", "--out", str(out), *FAST]) == 1
     printed = capsys.readouterr().out
     assert "fold 1: FAILED" in printed and "--fold 1" in printed
-    assert cv.is_done(out / "fold-0") and cv.is_done(out / "fold-2") and not cv.is_done(out / "fold-1")
+    assert jobs.is_done(out / "fold-0") and jobs.is_done(out / "fold-2") and not jobs.is_done(out / "fold-1")
     assert not (out / "cv.json").exists()
     fold0_weights = (out / "fold-0" / "best.safetensors").stat().st_mtime_ns
 
-    monkeypatch.setattr(train, "fit", real_fit)
+    monkeypatch.setattr(training, "fit", real_fit)
     assert cli.main(["cv", str(food11_tiny), "--out", str(out), "--fold", "1"]) == 0  # settings from DIR/config.yaml
     printed = capsys.readouterr().out
     assert "out-of-fold acc" in printed
@@ -78,7 +78,7 @@ def test_cv_writes_fold_runs_oof_summary_submission_and_reruns_a_failed_fold_alo
     for f in range(3):  # each fold is an ordinary run directory
         for name in ("config.yaml", "manifest.json", "metrics.jsonl", "best.safetensors", "submission.csv"):
             assert (out / f"fold-{f}" / name).is_file()
-    oof = predict.load_probs(out / "oof.npz")
+    oof = ensemble.load_probs(out / "oof.npz")
     assert len(oof.ids) == len(set(oof.ids)) == len(truth) == 33  # one row per labelled image
     assert set(oof.ids) == set(truth) and oof.classes == ["0", "1", "2"]
     assert [truth[i] for i in oof.ids] == oof.labels.tolist()
@@ -114,21 +114,21 @@ def test_vote_breaks_ties_by_summed_probability():
                       [0.50, 0.40, 0.10]])  # votes 0
     b = torch.tensor([[0.19, 0.42, 0.39],   # votes 1: tie 0-1; sums 0.60 / 0.62 / 0.78 -> 1 (2 got no vote)
                       [0.10, 0.45, 0.45]])  # votes 1: tie 0-1; sums 0.60 / 0.85 -> 1
-    _, preds = predict.ensemble([a, b], method="vote")
+    _, preds = ensemble.ensemble([a, b], method="vote")
     assert preds.tolist() == [1, 1]
     c = torch.tensor([[0.90, 0.05, 0.05], [0.90, 0.05, 0.05]])  # votes 0 with a large margin
-    _, preds = predict.ensemble([b, b, c], method="vote")
+    _, preds = ensemble.ensemble([b, b, c], method="vote")
     assert preds.tolist() == [1, 1]  # the majority wins over the summed probability (c's 0.9)
-    _, preds = predict.ensemble([a, b], method="vote", weights=[2, 1])
+    _, preds = ensemble.ensemble([a, b], method="vote", weights=[2, 1])
     assert preds.tolist() == [0, 0]  # weighted votes
-    _, preds = predict.ensemble([a, b], method="vote", weights=[0.1 + 0.2, 0.3])  # a float tie is still a tie
+    _, preds = ensemble.ensemble([a, b], method="vote", weights=[0.1 + 0.2, 0.3])  # a float tie is still a tie
     assert preds.tolist() == [1, 1]
 
 
 @pytest.mark.parametrize("method", ["mean", "logits", "vote"])
 def test_an_ensemble_of_one_equals_that_member(method):
     probs = torch.softmax(torch.randn(50, 7, generator=torch.Generator().manual_seed(0)), 1)
-    scores, preds = predict.ensemble([probs], method=method)
+    scores, preds = ensemble.ensemble([probs], method=method)
     assert preds.tolist() == probs.argmax(1).tolist()
     if method != "vote":
         torch.testing.assert_close(scores, probs)
@@ -142,8 +142,8 @@ def test_predict_with_one_run_and_any_ensemble_equals_the_runs_submission(food11
         assert cli.main(["predict", str(run), "--data", str(food11_tiny), "--out", str(out), "--device", "cpu",
                          "--ensemble", method]) == 0
         assert read_csv(out) == read_csv(run / "submission.csv")
-    saved = predict.load_probs(tmp_path / "mean.probs.npz")
-    trained = predict.load_probs(run / "test_logits.npz").take(saved.ids)
+    saved = ensemble.load_probs(tmp_path / "mean.probs.npz")
+    trained = ensemble.load_probs(run / "test_logits.npz").take(saved.ids)
     torch.testing.assert_close(saved.probs, trained.probs)
 
 
@@ -151,16 +151,16 @@ def test_ids_survive_shuffles(tmp_path):
     gen = torch.Generator().manual_seed(1)
     ids = [f"img_{k}" for k in range(20)]
     labels = np.arange(20) % 4
-    a = predict.Probs(ids, ["w", "x", "y", "z"], torch.softmax(torch.randn(20, 4, generator=gen), 1), labels=labels)
-    b = predict.Probs(ids, a.classes, torch.softmax(torch.randn(20, 4, generator=gen), 1), labels=labels)
+    a = ensemble.Probs(ids, ["w", "x", "y", "z"], torch.softmax(torch.randn(20, 4, generator=gen), 1), labels=labels)
+    b = ensemble.Probs(ids, a.classes, torch.softmax(torch.randn(20, 4, generator=gen), 1), labels=labels)
     perm = np.random.default_rng(0).permutation(20)
-    shuffled = predict.Probs([ids[i] for i in perm], a.classes, b.probs[perm], labels=labels[perm])
+    shuffled = ensemble.Probs([ids[i] for i in perm], a.classes, b.probs[perm], labels=labels[perm])
     shuffled.save(tmp_path / "shuffled.npz")
-    loaded = predict.load_probs(tmp_path / "shuffled.npz")
+    loaded = ensemble.load_probs(tmp_path / "shuffled.npz")
     assert loaded.ids != ids
     torch.testing.assert_close(loaded.take(ids).probs, b.probs)
     np.testing.assert_array_equal(loaded.take(ids).labels, labels)
-    assert predict.heldout_accuracy([a, loaded]) == predict.heldout_accuracy([a, b])
+    assert ensemble.heldout_accuracy([a, loaded]) == ensemble.heldout_accuracy([a, b])
     with pytest.raises(cli.UserError, match="have no prediction"):
         a.take(ids + ["img_unknown"])
 
@@ -180,11 +180,11 @@ def test_tta_with_weight_1_equals_plain_prediction(small_model_and_images, views
     from imgcls.config import AugConfig
 
     model, images, rows = small_model_and_images
-    plain = predict.infer(model, images, rows, size=16, hw=CPU).softmax(1)
+    plain = inference.infer(model, images, rows, size=16, hw=CPU).softmax(1)
     kw = dict(size=16, hw=CPU, n=4, views=views, aug=AugConfig(), seed=0)
-    torch.testing.assert_close(predict.tta_probs(model, images, rows, weight=1.0, **kw), plain, rtol=0, atol=0)
-    assert not torch.allclose(predict.tta_probs(model, images, rows, weight=0.5, **kw), plain)  # the views count
-    torch.testing.assert_close(predict.tta_probs(model, images, rows, n=0, size=16, hw=CPU), plain)
+    torch.testing.assert_close(inference.tta_probs(model, images, rows, weight=1.0, **kw), plain, rtol=0, atol=0)
+    assert not torch.allclose(inference.tta_probs(model, images, rows, weight=0.5, **kw), plain)  # the views count
+    torch.testing.assert_close(inference.tta_probs(model, images, rows, n=0, size=16, hw=CPU), plain)
 
 
 def test_fixed_views_are_flips_and_shifted_crops_and_aug_views_are_seeded(small_model_and_images):
@@ -192,19 +192,19 @@ def test_fixed_views_are_flips_and_shifted_crops_and_aug_views_are_seeded(small_
     from imgcls.config import AugConfig
 
     model, images, rows = small_model_and_images
-    flipped = predict.infer(model, images, rows, size=16, hw=CPU,
+    flipped = inference.infer(model, images, rows, size=16, hw=CPU,
                             view=lambda x: augment.eval_views(x, size=16).flip(-1)).softmax(1)
-    only_flip = predict.tta_probs(model, images, rows, size=16, hw=CPU, n=1, weight=0.0, views="fixed")
+    only_flip = inference.tta_probs(model, images, rows, size=16, hw=CPU, n=1, weight=0.0, views="fixed")
     torch.testing.assert_close(only_flip, flipped)
-    crop = predict.fixed_view(images, size=16, crop="bottom_right", flip=False)
+    crop = inference.fixed_view(images, size=16, crop="bottom_right", flip=False)
     torch.testing.assert_close(crop, augment.normalize(augment.resize(augment.to_float(images)[..., 2:, 2:], 16)))  # 87.5% of 20 px
     with pytest.raises(cli.UserError, match="fixed views"):
-        predict.tta_probs(model, images, rows, size=16, hw=CPU, n=12)
+        inference.tta_probs(model, images, rows, size=16, hw=CPU, n=12)
     kw = dict(size=16, hw=CPU, n=3, weight=0.0, views="aug", aug=AugConfig())
-    torch.testing.assert_close(predict.tta_probs(model, images, rows, seed=5, **kw),
-                               predict.tta_probs(model, images, rows, seed=5, **kw))
-    assert not torch.allclose(predict.tta_probs(model, images, rows, seed=5, **kw),
-                              predict.tta_probs(model, images, rows, seed=6, **kw))
+    torch.testing.assert_close(inference.tta_probs(model, images, rows, seed=5, **kw),
+                               inference.tta_probs(model, images, rows, seed=5, **kw))
+    assert not torch.allclose(inference.tta_probs(model, images, rows, seed=5, **kw),
+                              inference.tta_probs(model, images, rows, seed=6, **kw))
 
 
 # --- seeded repeats and the GPU job runner ------------------------------------------------------
@@ -230,9 +230,9 @@ def test_seeds_train_one_run_per_seed_and_summarize(food11_tiny, tmp_path, capsy
 
 def test_run_parallel_gives_each_job_its_own_gpu_and_reports_failures(tmp_path):
     code = "import os, sys, time; print('gpu', os.environ['CUDA_VISIBLE_DEVICES']); time.sleep(0.3); sys.exit({})"
-    jobs = [([sys.executable, "-c", code.format(k == 2)], tmp_path / f"job{k}" / "log.txt") for k in range(4)]
+    commands = [([sys.executable, "-c", code.format(k == 2)], tmp_path / f"job{k}" / "log.txt") for k in range(4)]
     started = []
-    codes = cv.run_parallel(jobs, ["3", "5"], on_start=lambda i, gpu: started.append((i, gpu)), poll_seconds=0.05)
+    codes = jobs.run_parallel(commands, ["3", "5"], on_start=lambda i, gpu: started.append((i, gpu)), poll_seconds=0.05)
     assert codes == [0, 0, 1, 0]  # the failed job is reported; the others still ran
     assert [i for i, _ in started] == [0, 1, 2, 3] and {g for _, g in started[:2]} == {"3", "5"}
     for i, gpu in started:
@@ -242,14 +242,14 @@ def test_run_parallel_gives_each_job_its_own_gpu_and_reports_failures(tmp_path):
 def test_folds_and_seeds_run_as_one_child_process_per_gpu(food11_tiny, tmp_path, monkeypatch, capsys):
     """The multi-GPU path end to end, with two pretend GPUs: the children see no CUDA device and train
     on the CPU, but are started, logged and collected exactly as on a GPU machine."""
-    monkeypatch.setattr(cv, "visible_gpus", lambda: ["0", "1"])
+    monkeypatch.setattr(jobs, "visible_gpus", lambda: ["0", "1"])
     settings = [s for s in FAST if not s.startswith("device=")]  # device=auto: cpu would mean sequential
     out = tmp_path / "cv"
     assert cli.main(["cv", str(food11_tiny), "--folds", "3", "--out", str(out), *settings]) == 0
     printed = capsys.readouterr().out
     assert "fold 0: started on GPU 0" in printed and "fold 1: started on GPU 1" in printed
-    assert all(cv.is_done(out / f"fold-{f}") and (out / f"fold-{f}" / "log.txt").is_file() for f in range(3))
-    assert len(predict.load_probs(out / "oof.npz").ids) == 33
+    assert all(jobs.is_done(out / f"fold-{f}") and (out / f"fold-{f}" / "log.txt").is_file() for f in range(3))
+    assert len(ensemble.load_probs(out / "oof.npz").ids) == 33
     rep = tmp_path / "rep"
     assert cli.main(["train", str(food11_tiny), "--out", str(rep), *settings, "seeds=4,5"]) == 0
     summary = json.loads((rep / "seeds.json").read_text())

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import FAST, REPO
-from imgcls import cli, predict, report
+from imgcls import cli, ensemble, reporting
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +59,14 @@ def test_html_embeds_every_image_and_references_nothing_outside(food_run):
     assert "model: tinycnn" in page
     shown = [json.loads(html.unescape(t)) for t in re.findall(r"<pre>(.*?)</pre>", page, flags=re.S)]
     assert json.loads((food_run / "manifest.json").read_text()) in shown
-    val = predict.load_probs(food_run / "val_logits.npz")
+    val = ensemble.load_probs(food_run / "val_logits.npz")
     acc = float((val.probs.argmax(1).numpy() == val.labels).mean())
     assert f"{acc:.4f} on {len(val.ids)} images" in page
 
 
 def test_confusion_rows_sum_to_the_per_class_counts(food_run):
-    written = report.write(food_run)
-    val = predict.load_probs(food_run / "val_logits.npz")
+    written = reporting.write(food_run)
+    val = ensemble.load_probs(food_run / "val_logits.npz")
     counts = written.confusion
     assert counts.shape == (10, 10)
     np.testing.assert_array_equal(counts.sum(1), np.bincount(val.labels, minlength=10))
@@ -84,18 +84,18 @@ def test_confusion_rows_sum_to_the_per_class_counts(food_run):
 def test_confusion_matrix_and_confident_mistakes_by_hand():
     labels = np.array([0, 0, 1, 1, 2, 2])
     probs = np.array([[.9, .1, 0], [.2, .7, .1], [0, 1, 0], [.6, .4, 0], [0, .05, .95], [.1, .1, .8]])
-    counts = report.confusion_matrix(labels, probs.argmax(1), 3)
+    counts = reporting.confusion_matrix(labels, probs.argmax(1), 3)
     np.testing.assert_array_equal(counts, [[1, 1, 0], [1, 1, 0], [0, 0, 2]])
-    assert report.confident_mistakes(probs, labels, 5).tolist() == [1, 3]  # 0.7 wrong, then 0.6 wrong
-    rows = report.per_class_rows(counts, ["a", "b", "c"])
+    assert reporting.confident_mistakes(probs, labels, 5).tolist() == [1, 3]  # 0.7 wrong, then 0.6 wrong
+    rows = reporting.per_class_rows(counts, ["a", "b", "c"])
     assert rows[2] == {"class": "c", "images": 2, "correct": 2, "accuracy": 1.0}
 
 
 def test_confusion_for_100_classes_grows_to_stay_readable():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(100), 3)
-    counts = report.confusion_matrix(labels, rng.integers(0, 100, len(labels)), 100)
-    with Image.open(io.BytesIO(report.plot_confusion(counts, [f"class_{i}" for i in range(100)]))) as im:
+    counts = reporting.confusion_matrix(labels, rng.integers(0, 100, len(labels)), 100)
+    with Image.open(io.BytesIO(reporting.plot_confusion(counts, [f"class_{i}" for i in range(100)]))) as im:
         assert min(im.size) >= 100 * 20  # at least 20 px per class on each axis (7 pt names fit)
 
 
@@ -118,7 +118,7 @@ def test_report_of_an_unfinished_run_has_curves_and_says_why_not_more(food_run, 
     run = tmp_path / "unfinished"
     shutil.copytree(food_run, run)
     (run / "val_logits.npz").unlink()
-    written = report.write(run)
+    written = reporting.write(run)
     assert written.confusion is None and (run / "curves.png").is_file()
     assert not (run / "confusion.png").exists() and not (run / "per_class.csv").exists()
     assert "has not finished" in (run / "report.html").read_text()
@@ -132,7 +132,7 @@ def test_report_of_a_folder_that_is_no_run_is_a_user_error(tmp_path, capsys):
 def test_a_failing_report_warns_and_keeps_the_run(food11_tiny, tmp_path, monkeypatch, capsys):
     def broken(path):
         raise RuntimeError("no fonts today")
-    monkeypatch.setattr(report, "write", broken)
+    monkeypatch.setattr(reporting, "write", broken)
     run = tmp_path / "run"
     assert cli.main(["train", str(food11_tiny), "--out", str(run), *FAST]) == 0
     assert "the report could not be written (RuntimeError: no fonts today)" in capsys.readouterr().err
@@ -149,7 +149,7 @@ def test_cv_report_has_the_fold_table(food11_tiny, tmp_path):
         assert f"<td>{p['run']}</td><td>{p['val_images']}</td><td>{p['acc']:.4f}</td>" in page
     fa = cv["fold_acc"]
     assert f"<td>mean ± std</td><td></td><td>{cv['labelled_images']}</td><td>{fa['mean']:.4f} ± {fa['std']:.4f}</td>" in page
-    counts = report.write(out).confusion  # from the out-of-fold predictions: every labelled image once
+    counts = reporting.write(out).confusion  # from the out-of-fold predictions: every labelled image once
     assert counts.sum() == cv["labelled_images"] == 33
     np.testing.assert_array_equal(counts.sum(1), [11, 11, 11])
     assert all(r.startswith("data:") for r in sources(page))

@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import FAST, colour_food11
-from imgcls import cache, checkpoint, cli, config, train
+from imgcls import cache, checkpoint, cli, config, trainer, training
 from imgcls.errors import UserError
 
 # Every epoch-level field except the timings, which differ between any two runs.
@@ -178,8 +178,8 @@ def test_time_limit_stops_saves_writes_the_submission_and_says_how_to_resume(foo
 def test_stop_reserve_keeps_time_for_the_evaluation_and_the_submission():
     # 1 s per 100 validation images: 2 s to evaluate, then 2 s (val) + 3 s (300 test images) in finish(),
     # a 0.5 s step, and a margin of 10% of the limit, at most a minute.
-    assert train.stop_reserve(eval_seconds=2.0, step_seconds=0.5, n_val=200, n_test=300, limit=100) == 0.5 + 2 + 5 + 10
-    assert train.stop_reserve(eval_seconds=0, step_seconds=0, n_val=1, n_test=0, limit=11.5 * 3600) == 60
+    assert training.stop_reserve(eval_seconds=2.0, step_seconds=0.5, n_val=200, n_test=300, limit=100) == 0.5 + 2 + 5 + 10
+    assert training.stop_reserve(eval_seconds=0, step_seconds=0, n_val=1, n_test=0, limit=11.5 * 3600) == 60
 
 
 class CreatesAFile:
@@ -272,8 +272,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(food11_tiny, tmp_path
         loss = train_loss(logits, targets, **kw)
         return loss * float("nan") if len(calls) > 7 else loss  # epoch 3 (3 steps per epoch), step 2
 
-    train_loss = train.loss_fn
-    monkeypatch.setattr(train, "loss_fn", loss_turning_nan)
+    train_loss = trainer.loss_fn
+    monkeypatch.setattr(trainer, "loss_fn", loss_turning_nan)
     run = tmp_path / "run"
     # checkpoint_minutes=1e-9: a checkpoint is due after every step, so the NaN step is the first that must not save.
     assert cli.main(["train", str(food11_tiny), "--out", str(run), *FAST, "epochs=5", "checkpoint_minutes=1e-9"]) == 1
@@ -290,7 +290,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(food11_tiny, tmp_path
 def test_out_of_memory_names_the_setting_to_change(food11_tiny, tmp_path, capsys, monkeypatch, error):
     def oom(*args, **kw):
         raise error
-    monkeypatch.setattr(train, "loss_fn", oom)
+    monkeypatch.setattr(trainer, "loss_fn", oom)
     assert cli.main(["train", str(food11_tiny), "--out", str(tmp_path / "r"), *FAST]) == 1
     err = capsys.readouterr().err
     assert f"Out of memory ({error})" in err and "Lower batch_size= (e.g. batch_size=4" in err

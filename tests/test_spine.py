@@ -115,7 +115,7 @@ def test_demo_lays_out_digits_trains_and_writes_a_submission(tmp_path, capsys):
 
 def test_ema_warms_up_so_a_short_run_does_not_evaluate_its_initial_weights():
     import torch
-    from imgcls.train import ema_update
+    from imgcls.optim import ema_update
 
     model = torch.nn.Linear(3, 3)
     ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update(0.999), use_buffers=True)

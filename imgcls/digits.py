@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imgcls import config, data, train
+from imgcls import config, data, training
 
 DEMO_SETTINGS = {"model": "tinycnn", "width": 16, "image_size": 32, "epochs": 12, "batch_size": 64,
                  "lr": 0.4, "crop_scale": (0.7, 1.0), "hflip": 0.0, "decode_workers": 1}
@@ -35,10 +35,10 @@ def write_digits(root: Path, *, seed: int = 0) -> Path:
     return root
 
 
-def run(out: Path, *, overrides: list[str] = (), on_epoch=None) -> train.TrainResult:
+def run(out: Path, *, overrides: dict | list[str] = (), on_epoch=None) -> training.TrainResult:
     root = out / "data"
     if not (root / "training").is_dir():
         write_digits(root)
-    cfg = config.resolve(defaults={**DEMO_SETTINGS, "cache_dir": str(out / "cache")}, overrides=list(overrides))
+    cfg = config.resolve(defaults={**DEMO_SETTINGS, "cache_dir": str(out / "cache")}, overrides=overrides if isinstance(overrides, dict) else list(overrides))
     prep = data.prepare(root, cfg, progress=cfg.run.progress)
-    return train.fit(cfg, prep, out / "run", on_epoch=on_epoch)
+    return training.fit(cfg, prep, out / "run", on_epoch=on_epoch)

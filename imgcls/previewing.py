@@ -23,6 +23,8 @@ class Preview:
     views: np.ndarray  # uint8 [images, 1 + N, size, size, 3]: the eval view, then N training views
     distinct: list[int]  # per image: how many of its N training views differ from one another
     mixed: bool  # mixup/cutmix were on, so training views blend in other rows' images
+    size: int = 0  # px of each view
+    grid_path: Path | None = None  # grid.png, once saved
 
 
 def pick_rows(prep: Prepared, n: int) -> np.ndarray:
@@ -67,7 +69,7 @@ def render(prep: Prepared, cfg: Config, *, views: int, images: int = 8) -> Previ
             out.append(to_uint8(augment.denormalize(x)))
     stacked = np.stack(out, axis=1)
     mixed = (cfg.aug.mixup_alpha > 0 or cfg.aug.cutmix_alpha > 0) and cfg.run.epochs > cfg.aug.mix_off_epochs
-    return Preview(_stems(prep, rows), stacked, [distinct_views(v[1:]) for v in stacked], mixed)
+    return Preview(_stems(prep, rows), stacked, [distinct_views(v[1:]) for v in stacked], mixed, size)
 
 
 def _stems(prep: Prepared, rows: np.ndarray) -> list[str]:
@@ -105,4 +107,5 @@ def save(preview: Preview, out: str | Path) -> Path:
         for k, v in enumerate(views):
             Image.fromarray(v).save(out / "views" / f"{stem}_{k}.png")
     Image.fromarray(grid(preview.views)).save(out / "grid.png")
-    return out / "grid.png"
+    preview.grid_path = out / "grid.png"
+    return preview.grid_path

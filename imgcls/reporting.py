@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from imgcls import checkpoint, config, predict
+from imgcls import checkpoint, config, ensemble
 from imgcls.errors import UserError
 
 MISTAKES = 24  # most confident wrong predictions shown
@@ -46,7 +46,7 @@ class Source:
     config_text: str
     manifest: dict
     runs: dict[str, list[dict]]  # curve label -> metrics.jsonl rows ("" for a single run)
-    probs: predict.Probs | None = None  # with labels: validation (run) or out-of-fold (cv) predictions
+    probs: ensemble.Probs | None = None  # with labels: validation (run) or out-of-fold (cv) predictions
     cv: dict | None = None  # cv.json
     notes: list[str] = field(default_factory=list)
     datasets: dict = field(default_factory=dict, repr=False)  # root -> layouts.read(root), read once per report
@@ -100,7 +100,7 @@ def read_source(path: str | Path) -> Source:
         raise UserError(f"{path} is neither a run directory (config.yaml and manifest.json, from `imgcls train "
                         f"--out`) nor a cv directory (cv.json, from `imgcls cv --out`).{hint}")
     if probs_file.is_file():
-        probs = predict.load_probs(probs_file)
+        probs = ensemble.load_probs(probs_file)
         if probs.labels is not None and (probs.labels >= 0).all():
             source.probs = probs
         else:
@@ -375,7 +375,7 @@ def render_preview(manifest: dict, cfg: config.Config, *, images: int = PREVIEW_
     """imgcls.preview's grid (eval view, then training views drawn by the training code) for the first
     training image of `images` classes, decoded from the dataset folder: only those files, not the cache.
     Returns (grid, the class of each row, a note when there is no grid)."""
-    from imgcls import cache, data, preview
+    from imgcls import cache, data, previewing
 
     root = Path(manifest.get("data", {}).get("root", ""))
     if not str(root) or not root.is_dir():
@@ -401,8 +401,8 @@ def render_preview(manifest: dict, cfg: config.Config, *, images: int = PREVIEW_
                          {"train": np.arange(len(picked))})
     # On the CPU: a few images need no GPU, and starting CUDA would cost seconds.
     cpu = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device="cpu"))
-    shown = preview.render(mini, cpu, views=views, images=len(picked))
-    return preview.grid(shown.views), [ds.classes[s.label] for s in picked], ""
+    shown = previewing.render(mini, cpu, views=views, images=len(picked))
+    return previewing.grid(shown.views), [ds.classes[s.label] for s in picked], ""
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -520,7 +520,7 @@ pre.cols{column-count:3;column-gap:28px}
 
 def render_html(source: Source, cfg: config.Config | None, pngs: dict[str, bytes], per_class: list[dict], *,
                 section_notes: dict[str, str], preview_rows: list[str]) -> str:
-    from imgcls.cv import mean_std
+    from imgcls.jobs import mean_std
 
     e = html.escape
     what = "cross validation" if source.kind == "cv" else "run"
@@ -599,31 +599,3 @@ def compact_json(value, indent: str = "") -> str:
         inner = indent + "  "
         return "[\n" + ",\n".join(inner + compact_json(v, inner) for v in value) + f"\n{indent}]"
     return json.dumps(value, ensure_ascii=False)
-
-
-# --- TensorBoard --------------------------------------------------------------------------------
-
-class TensorBoard:
-    """`tensorboard=true`: each epoch's metrics.jsonl scalars as TensorBoard events in RUN/tensorboard/
-    (`tensorboard --logdir RUN`). The writer is flushed every epoch, so a killed run keeps its curves."""
-
-    TAGS = {"loss/train": "train_loss", "loss/val": "val_loss", "accuracy/train": "train_acc",
-            "accuracy/val": "val_acc", "lr": "lr", "images_per_second": "images_per_second",
-            "seconds/epoch": "seconds"}
-
-    def __init__(self, run_dir: str | Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError("tensorboard=true needs the tensorboard package: pip install tensorboard (or "
-                            "pip install 'imgcls[tensorboard]'), or drop tensorboard=true.") from None
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-
-    def log(self, metrics: dict) -> None:
-        for tag, key in self.TAGS.items():
-            if key in metrics:
-                self.writer.add_scalar(tag, metrics[key], metrics["epoch"])
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()

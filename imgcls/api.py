@@ -1,0 +1,237 @@
+"""The Python API: each `imgcls` command as a function that returns its figures as data, for notebooks
+and scripts (`import imgcls; imgcls.train(...)`). The CLI is argv -> these functions -> print.
+
+Settings are the same keys as `key=value` on the command line, given as keyword arguments
+(`imgcls.train(data, out, epochs=5, model="resnet18s")`). Mistakes raise imgcls.UserError with the
+message the CLI prints. `verbose=True` (the default) writes the progress lines the CLI shows (dataset,
+cache, one line per epoch or job) above the tqdm.auto progress bars, which a notebook shows as
+widgets; `verbose=False` and `progress=False` silence them.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from imgcls.errors import UserError
+
+# Per-layout defaults, under the user's YAML and key=value overrides.
+LAYOUT_DEFAULTS = {
+    "food-11": {"image_size": 128},
+    "tiny-imagenet": {"image_size": 64},
+    "imagefolder": {},
+}
+
+
+def _logger(verbose: bool) -> Callable[[str], None]:
+    """Progress lines above any tqdm bar (a notebook keeps both), flushed so child logs interleave right."""
+    if not verbose:
+        return lambda text: None
+
+    def log(text: str) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(text)
+        sys.stdout.flush()
+    return log
+
+
+def _epoch_logger(log: Callable[[str], None]) -> Callable[[dict], None]:
+    from imgcls.training import epoch_line
+
+    return lambda m: log(epoch_line(m))
+
+
+def resolve_config(data: str | Path | None, config: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                   *, defaults: dict[str, Any] | None = None):
+    """Settings for a dataset: `defaults` (else the layout's, e.g. 128 px for food-11) <- the YAML file
+    `config` <- `overrides` (key -> value, as key=value on the command line)."""
+    from imgcls import config as configs, layouts
+
+    if defaults is None and data and Path(data).expanduser().is_dir():
+        defaults = LAYOUT_DEFAULTS[layouts.detect(Path(data).expanduser())]
+    return configs.resolve(defaults=defaults or {}, file=config, overrides=dict(overrides or {}))
+
+
+def _auto_report(run_dir: Path):
+    """The report at the end of train and cv: the run is on disk already, so a failure here only warns.
+    Returns (reporting.Report or None, the warning or None)."""
+    from imgcls import reporting
+
+    try:
+        return reporting.write(run_dir), None
+    except Exception as e:  # noqa: BLE001 - never lose a finished run to a plot
+        message = (f"the report could not be written ({type(e).__name__}: {e}); the run itself is complete. "
+                   f"Retry with: imgcls report {run_dir}")
+        warnings.warn(message, stacklevel=3)
+        return None, message
+
+
+# --- inspect ---------------------------------------------------------------------------------------
+
+@dataclass
+class InspectResult:
+    root: Path
+    layout: str  # food-11 | tiny-imagenet | imagefolder
+    classes: list[str]
+    counts: dict[str, int]  # split -> images
+    warnings: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)  # training/validation file -> why (train skips it)
+    errors: list[str] = field(default_factory=list)  # what would make the submission wrong
+    failed: int = 0  # unreadable files, in every split
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.failed
+
+    def describe(self) -> str:
+        counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
+        return f"{self.root}: {self.layout} layout, {len(self.classes)} classes, {counts}"
+
+
+def inspect(data: str | Path, *, config: str | Path | None = None, **overrides) -> InspectResult:
+    """Detect the layout, count classes and images per split, decode every image once (into the cache
+    training reuses) and list what cannot be read or would make the submission wrong."""
+    from imgcls import cache, data as datalib, layouts
+
+    ds = layouts.read(data)
+    cfg = resolve_config(data, config, overrides)
+    samples, split_of = datalib.flatten(ds)
+    built = cache.build([s.path for s in samples], size=cfg.data.cache_size or cfg.data.image_size,
+                        resize=cfg.data.resize, cache_dir=cfg.data.cache_dir, workers=cfg.data.decode_workers,
+                        progress=cfg.run.progress, name=f"{ds.layout}-{ds.root.name}")
+    unreadable, skipped = datalib.sort_failures(samples, split_of, built.failed, strict=cfg.data.strict)
+    return InspectResult(ds.root, ds.layout, ds.classes, ds.counts(), list(ds.warnings), skipped,
+                         ds.errors + unreadable, len(built.failed))
+
+
+# --- train ---------------------------------------------------------------------------------------
+
+def train(data: str | Path, out: str | Path, *, config: str | Path | None = None, verbose: bool = True,
+          _job: bool = False, **overrides):
+    """Train a model into the run directory `out` and write its submission and report; returns a
+    TrainResult. With seeds=(1, 2, 3): one run per seed in out/seed-<s>/, returns a RepeatsResult.
+    A second call with the same `out` resumes it from its state.pt (resume=RUN: from another run).
+    Under torchrun every process calls this; rank 0 writes the run. `_job`: a child of a seeds= run."""
+    started = time.time()  # time_limit= counts from here: decoding the cache is part of the session
+    from imgcls import config as configs, data as datalib, distributed, hardware, repeats, training
+
+    log = _logger(verbose)
+    cfg = resolve_config(data, config, overrides)
+    if cfg.run.seeds:
+        world = distributed.from_env()[1]
+        if world > 1:
+            raise UserError(f"seeds= runs whole trainings one after another (or one per GPU by itself); it does not "
+                            f"combine with torchrun's {world} processes. Start `imgcls train ... seeds=...` without "
+                            "torchrun, or train each seed=N with torchrun separately.")
+        return repeats.run_seeds(data, out, cfg, log=log, on_epoch=_epoch_logger(log), job=_job)
+    source = training.resume_source(cfg, out)
+    if source and (source / "config.yaml").is_file():
+        # The run's own settings, so `--out RUN resume=RUN` alone continues it; settings given now apply on top.
+        cfg = configs.resolve(defaults=configs.load_yaml(source / "config.yaml"), file=config, overrides=overrides)
+        given = " ".join(f"{k}={v}" for k, v in overrides.items())
+        log(f"resuming from {source / 'state.pt'} with the settings in {source / 'config.yaml'}"
+            f"{' and ' + given if given else ''}")
+    ranks = distributed.init(hardware.resolve(cfg.run).device)  # no process group without torchrun
+    t_cache = time.time()
+    with distributed.node_leader_first(ranks):  # one process per machine decodes; the others then reuse it
+        prep = datalib.prepare(data, cfg, progress=cfg.run.progress and ranks.is_main)
+    log(prep.dataset.describe())
+    log(f"cache: {prep.cache_path} ({'built' if prep.cache_built else 'reused'} in {time.time() - t_cache:.1f}s)")
+    if prep.skipped:
+        log(f"skipped {len(prep.skipped)} unreadable training image(s):")
+        for path, why in prep.skipped.items():
+            log(f"  {path}: {why}")
+    try:
+        result = training.fit(cfg, prep, out, on_epoch=_epoch_logger(log), started=started, ranks=ranks)
+        ranks.barrier()  # rank 0 alone writes logits and submission after the last epoch: tear down together
+    finally:
+        distributed.shutdown(ranks)
+    if result.stopped != "interrupted" and ranks.is_main:
+        result.report, result.report_error = _auto_report(result.run_dir)
+    return result
+
+
+# --- cv ------------------------------------------------------------------------------------------
+
+def cv(data: str | Path, out: str | Path, *, folds: int | None = None, fold: int | list[int] | None = None,
+       config: str | Path | None = None, verbose: bool = True, _job: bool = False, **overrides):
+    """K-fold cross validation over train + validation merged: one run per fold in out/fold-k/, the
+    out-of-fold predictions, cv.json and the fold-mean submission; returns a CvResult. `folds`: K
+    (default 5, or the K an earlier call saved in `out`); `fold`: train only these folds. A second
+    call trains only the folds that have not finished, with the first call's settings."""
+    from imgcls import crossval, distributed
+
+    if distributed.from_env()[1] > 1:
+        raise UserError("imgcls cv does not run under torchrun: start it directly; with several GPUs it trains "
+                        "one fold per GPU by itself.")
+    log = _logger(verbose)
+    out = Path(out)
+    cfg = crossval.settings(out, lambda defaults: resolve_config(data, config, overrides, defaults=defaults))
+    only = [fold] if isinstance(fold, int) else fold
+    result = crossval.run_cv(data, out, cfg, folds=folds, only=only, log=log, on_epoch=_epoch_logger(log), job=_job)
+    if result.summary:
+        result.report, result.report_error = _auto_report(out)
+    return result
+
+
+# --- predict, report, preview, demo ----------------------------------------------------------------
+
+def predict(runs, data: str | Path, out: str | Path, *, tta: int = 0, tta_weight: float = 0.5, tta_views: str = "fixed",
+            ensemble: str = "mean", weights: str | list[float] | None = None, device: str = "auto",
+            progress: bool = True):
+    """A submission from one or more run / cv directories (`runs`), with `tta` test-time views and an
+    ensemble of the members; returns a PredictResult (held-out accuracy of each member and of the
+    ensemble, when they have held-out predictions)."""
+    from imgcls import config as configs, ensemble as ensembles, hardware
+
+    if device not in configs.CHOICES["device"]:
+        raise UserError(f"device={device!r} is not one of {', '.join(configs.CHOICES['device'])}.")
+    hw = hardware.resolve(configs.RunConfig(device=device))
+    runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
+    return ensembles.predict_runs(runs, data, out, hw=hw, tta=tta, tta_weight=tta_weight, tta_views=tta_views,
+                                  method=ensemble, weights=weights, progress=progress)
+
+
+def write_report(run: str | Path):
+    """Plots and report.html for a run or cv directory: the reporting.Report (files, notes, figures)."""
+    from imgcls import reporting
+
+    return reporting.write(run)
+
+
+def report(run: str | Path) -> Path:
+    """Write the report of a run or cv directory; returns the path of its report.html."""
+    return write_report(run).path
+
+
+def render_preview(data: str | Path, out: str | Path, *, views: int = 8, images: int = 8,
+                   config: str | Path | None = None, **overrides):
+    """The evaluation view and `views` training views of `images` training images, drawn by the
+    training code, as PNGs in out/views/ and one grid; returns previewing.Preview with the grid path."""
+    from imgcls import data as datalib, previewing
+
+    if views < 1 or images < 1:
+        raise UserError(f"--views and --images must be at least 1, got --views {views} --images {images}.")
+    cfg = resolve_config(data, config, overrides)
+    prep = datalib.prepare(data, cfg, progress=cfg.run.progress)
+    shown = previewing.render(prep, cfg, views=views, images=images)
+    previewing.save(shown, out)
+    return shown
+
+
+def preview(data: str | Path, out: str | Path, *, views: int = 8, images: int = 8, config: str | Path | None = None,
+            **overrides) -> Path:
+    """What the model sees (see render_preview); returns the grid's path, to show inline."""
+    return render_preview(data, out, views=views, images=images, config=config, **overrides).grid_path
+
+
+def demo(out: str | Path, *, verbose: bool = True, **overrides):
+    """Lay out scikit-learn's bundled digits as a food-11 folder in out/data and train on them into out/run."""
+    from imgcls import digits
+
+    log = _logger(verbose)
+    return digits.run(Path(out), overrides=overrides, on_epoch=_epoch_logger(log))

@@ -1,0 +1,274 @@
+"""The Trainer: everything a checkpoint must hold (model, optimizer, EMA, generators, counters, best
+score) in one object, and the training step. `state_dict()` is exactly what `state.pt` holds and
+`load_state_dict()` continues from it; `training.fit()` is the loop that calls them.
+
+Rank handling (torchrun data parallelism) sits at four points: the model is wrapped once in
+DistributedDataParallel, each batch is sharded, the validation score and the epoch sums are reduced
+over the ranks, and `state_dict()` gathers every rank's generators.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from imgcls import augment, checkpoint, distributed, hardware, inference, optim
+from imgcls.config import Config
+from imgcls.data import Prepared
+from imgcls.errors import UserError
+from imgcls.losses import loss_fn
+from imgcls.models import create_model
+
+CHECK_EVERY = 20  # steps between NaN checks and progress updates: .item() is a CPU-GPU sync point
+
+
+def empty_sums() -> dict:
+    """The running sums of an epoch: over all ranks in a checkpoint, this rank's while training."""
+    return {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0, "data": 0.0, "model": 0.0}
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def place_images(prep: Prepared, hw: hardware.Hardware, setting: str) -> torch.Tensor:
+    """The whole cache as a tensor: on the GPU when it fits (airbench-style), else in pinned RAM."""
+    images = torch.from_numpy(np.array(prep.images))  # one read of the memory-mapped file into RAM
+    if hw.device.type != "cuda":
+        return images
+    free, _ = torch.cuda.mem_get_info(hw.device)
+    fits = images.numel() < 0.4 * free  # leave most of the memory to the model and activations
+    if setting == "true" or (setting == "auto" and fits):
+        return images.to(hw.device)
+    return images.pin_memory()
+
+
+def _floats(sums: dict) -> dict:
+    """Epoch sums (device tensors while training) as plain numbers, for a checkpoint. Exact: a float32
+    sum becomes the same float64, and adding the next float32 tensor gives the same bits."""
+    return {k: v.item() if torch.is_tensor(v) else v for k, v in sums.items()}
+
+
+def sum_counts(sums: dict, ranks: distributed.Ranks) -> dict:
+    """Epoch sums over all ranks (loss, correct, seen); the timings stay this rank's. One process: `sums`."""
+    if not ranks.active:
+        return sums
+    loss, correct, seen = ranks.sum([sums["loss"], sums["correct"], sums["seen"]])
+    return {**_floats(sums), "loss": loss, "correct": int(correct), "seen": int(seen)}
+
+
+def rank_rngs(state: dict, ranks: distributed.Ranks) -> dict | None:
+    """This rank's saved generator states (augmentation, dropout). A resume on as many ranks as the saved
+    run continues every rank's streams exactly; on a different number, rank 0 continues the saved
+    rank 0's streams and a rank the saved run did not have gets None (the caller reseeds it)."""
+    saved = state.get("rank_rngs") or [{k: state[k] for k in ("aug_gen", "torch_rng", "cuda_rng") if k in state}]
+    if len(saved) == ranks.world or ranks.rank == 0:
+        return saved[ranks.rank]
+    return None
+
+
+def val_score(model: nn.Module, images: torch.Tensor, rows: np.ndarray, labels: np.ndarray, *, size: int,
+              hw: hardware.Hardware, batch_size: int, ranks: distributed.Ranks) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) on the validation rows. Over several ranks each scores every
+    world-th row with rank 0's weights and the sums are reduced, so all ranks get the same numbers."""
+    if not ranks.active:
+        return inference.evaluate(model, images, rows, labels, size=size, hw=hw, batch_size=batch_size)[:2]
+    distributed.sync_state(model, ranks)
+    mine = rows[ranks.rank::ranks.world]
+    loss, acc = (inference.evaluate(model, images, mine, labels, size=size, hw=hw, batch_size=batch_size)[:2]
+                 if len(mine) else (0.0, 0.0))
+    loss_sum, correct, n = ranks.sum([loss * len(mine), acc * len(mine), len(mine)])
+    return loss_sum / n, correct / n
+
+
+class Trainer:
+    """One model being trained on `rows["train"]` of `prep`, scored on `rows["val"]`.
+
+    State: model, optimizer, ema, data_gen (data order, CPU), aug_gen (augmentation, on the device),
+    torch's global RNG (dropout), epoch and step (the next step to take within `epoch`), best_acc and
+    best_epoch, sums (the epoch so far), epoch_gen_state (data_gen at the start of `epoch`)."""
+
+    def __init__(self, cfg: Config, prep: Prepared, rows: dict[str, np.ndarray], hw: hardware.Hardware,
+                 ranks: distributed.Ranks):
+        self.cfg, self.prep, self.rows, self.hw, self.ranks = cfg, prep, rows, hw, ranks
+        seed_everything(cfg.run.seed, cfg.run.deterministic)  # before the model: its init draws from torch's RNG
+        self.num_classes, self.size, self.batch_size = prep.dataset.num_classes, cfg.data.image_size, cfg.run.batch_size
+        self.train_rows = torch.as_tensor(rows["train"])
+        if len(self.train_rows) < self.batch_size:
+            raise UserError(f"batch_size={self.batch_size} is larger than the {len(self.train_rows)} training images; "
+                            f"set batch_size={2 ** int(math.log2(max(1, len(self.train_rows))))} or lower.")
+        self.steps_per_epoch = len(self.train_rows) // self.batch_size  # the last partial batch is dropped
+        self.total_steps = cfg.run.epochs * self.steps_per_epoch
+        self.warmup = int(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.peak = optim.peak_lr(cfg.optim, self.batch_size)
+
+        self.model = create_model(cfg.model.model, self.num_classes, width=cfg.model.width, dropout=cfg.model.dropout)
+        if cfg.model.init:
+            checkpoint.load_weights(self.model, cfg.model.init)
+        self.model.to(hw.device, memory_format=hw.memory_format)
+        self.ddp = distributed.wrap(self.model, ranks, hw.device, sync_bn=cfg.run.sync_bn)  # the model itself on one process
+        self.model = checkpoint.unwrap(self.ddp)  # the plain module (SyncBatchNorm layers under sync_bn=true)
+        if ranks.rank:  # dropout: a stream of its own on each rank but 0 (which draws what one process draws)
+            torch.manual_seed(distributed.rank_seed(cfg.run.seed, ranks.rank))
+        self.optimizer = optim.build_optimizer(self.model, cfg.optim)
+        self.ema = optim.build_ema(self.model, cfg.optim.ema)
+        self.step_model = torch.compile(self.ddp) if cfg.run.compile else self.ddp
+        self.pipeline = augment.build_train_pipeline(cfg.aug, size=self.size)
+        self.labels = torch.as_tensor(prep.labels)
+        self.images: torch.Tensor | None = None  # the cache as place_images() put it; set by the caller
+
+        self.data_gen = torch.Generator().manual_seed(cfg.run.seed)
+        self.aug_gen = hardware.make_generator(hw.device, distributed.rank_seed(cfg.run.seed + 1, ranks.rank))
+        self.epoch, self.step, self.best_acc, self.best_epoch = 0, 0, -1.0, -1
+        self.sums = empty_sums()
+        self.epoch_gen_state = self.data_gen.get_state()
+        self.lr, self.step_seconds, self.eval_seconds = 0.0, 0.0, 0.0
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are scored and saved: the EMA when there is one."""
+        return self.ema.module if self.ema else self.model
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.cfg.run.epochs
+
+    # --- the step ------------------------------------------------------------------------------
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        """The rest of this epoch's global batches, from `step` on, as this rank's slice of cache rows.
+        Every rank draws the same order."""
+        self.model.train()  # evaluation left it in eval mode
+        self.epoch_gen_state = self.data_gen.get_state()
+        perm = torch.randperm(len(self.train_rows), generator=self.data_gen)
+        b = self.batch_size
+        for step in range(self.step, self.steps_per_epoch):
+            yield distributed.shard(self.train_rows[perm[step * b:(step + 1) * b]], self.ranks)
+
+    def train_step(self, batch_rows: torch.Tensor) -> None:
+        """One optimizer step on one batch: augment on the device, forward and backward per micro-batch,
+        update, EMA. Running sums stay on the device (no sync point)."""
+        cfg, hw, accum = self.cfg, self.hw, self.cfg.optim.accum_steps
+        t0 = time.perf_counter()
+        self.set_lr(optim.lr_at(self.epoch * self.steps_per_epoch + self.step, total=self.total_steps,
+                                warmup=self.warmup, peak=self.peak, floor=self.peak * cfg.optim.min_lr_ratio))
+        batch = self.images.index_select(0, batch_rows.to(self.images.device)).to(hw.device, non_blocking=True)  # images[rows]: 7x slower on the CPU
+        labels = self.labels[batch_rows].to(hw.device, non_blocking=True)
+        with torch.no_grad():
+            targets = augment.one_hot(labels, self.num_classes, cfg.optim.label_smoothing)
+            x, targets = augment.train_views(batch, targets, self.aug_gen, self.pipeline)
+            x, targets = augment.mix(x, targets, self.aug_gen, cfg.aug, epoch=self.epoch, epochs=cfg.run.epochs)
+            x = x.contiguous(memory_format=hw.memory_format)
+        t1 = time.perf_counter()
+        for k, (xs, ts) in enumerate(zip(x.chunk(accum), targets.chunk(accum))):
+            with distributed.no_sync(self.ddp, skip=k < accum - 1):  # one all-reduce per step
+                with hw.autocast():
+                    logits = self.step_model(xs)
+                loss = loss_fn(logits.float(), ts, focal_gamma=cfg.optim.focal_gamma)
+                (loss / accum).backward()
+            self.sums["correct"] += (logits.argmax(1) == ts.argmax(1)).sum()
+            self.sums["loss"] += loss.detach() * len(xs)  # every micro-batch's loss, not the last one's
+        if cfg.optim.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema:
+            self.ema.update_parameters(self.model)
+        t2 = time.perf_counter()
+        self.step += 1
+        self.step_seconds = t2 - t0
+        self.sums["seen"] += len(x)
+        self.sums["data"] += t1 - t0
+        self.sums["model"] += t2 - t1
+        self.sums["seconds"] += t2 - t0
+
+    def set_lr(self, lr: float) -> None:
+        self.lr = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def check_finite(self) -> float:
+        """Mean training loss so far this epoch; NaN/inf raises, so it never reaches a checkpoint."""
+        mean_loss = float(self.sums["loss"]) / max(1, self.sums["seen"])  # .item(): a CPU-GPU sync point
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"loss is {mean_loss} in epoch {self.epoch + 1} by step {self.step}")
+        return mean_loss
+
+    # --- the epoch's end -----------------------------------------------------------------------
+
+    def end_epoch(self) -> tuple[dict, bool]:
+        """Score the epoch's weights, turn its sums into a metrics row, move on to the next epoch.
+        Returns (metrics row, whether the score is the best so far)."""
+        t_eval = time.perf_counter()
+        val_loss, val_acc = val_score(self.eval_model, self.images, self.rows["val"], self.prep.labels, size=self.size,
+                                      hw=self.hw, batch_size=self.cfg.run.eval_batch_size, ranks=self.ranks)
+        self.eval_seconds = time.perf_counter() - t_eval
+        sums = sum_counts(self.sums, self.ranks)  # all ranks' images; the timings are this rank's
+        seen = max(1, sums["seen"])
+        m = {"epoch": self.epoch + 1, "train_loss": float(sums["loss"]) / seen,
+             "train_acc": float(sums["correct"]) / seen, "val_loss": val_loss, "val_acc": val_acc,
+             "lr": self.optimizer.param_groups[0]["lr"], "train_images": int(sums["seen"]),  # over all ranks
+             "seconds": sums["seconds"] + self.eval_seconds, "images_per_second": seen / max(1e-9, sums["seconds"]),
+             "data_seconds": sums["data"], "model_seconds": sums["model"], "eval_seconds": self.eval_seconds}
+        if not math.isfinite(m["train_loss"]):
+            raise FloatingPointError(f"loss is {m['train_loss']} at the end of epoch {self.epoch + 1}")
+        improved = val_acc > self.best_acc  # the same on every rank: the score is reduced over all of them
+        if improved:
+            self.best_acc, self.best_epoch = val_acc, self.epoch + 1
+        self.epoch, self.step, self.sums = self.epoch + 1, 0, empty_sums()
+        self.epoch_gen_state = self.data_gen.get_state()
+        return m, improved
+
+    # --- checkpoint ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """What state.pt holds. Collective: every rank calls it at the same step (it gathers the ranks'
+        generators and sums the epoch's counts); only rank 0's result is written."""
+        self.sums = _floats(self.sums)  # plain numbers from here on, in the saved and the running run alike
+        rngs = {"aug_gen": self.aug_gen.get_state().cpu(),
+                "torch_rng": torch.get_rng_state(),  # dropout on the CPU; on the GPU it draws from cuda_rng
+                **({"cuda_rng": torch.cuda.get_rng_state(self.hw.device)} if self.hw.device.type == "cuda" else {})}
+        all_rngs, totals = self.ranks.gather(rngs), sum_counts(self.sums, self.ranks)
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                **({"ema": self.ema.state_dict()} if self.ema else {}),
+                "data_gen_epoch_start": self.epoch_gen_state, **rngs,
+                **({"rank_rngs": all_rngs} if self.ranks.active else {}),  # rank r's generators, for a resume on as many ranks
+                "epoch": self.epoch, "step": self.step, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+                "partial": totals, "finished": self.finished}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict(). The saved epoch sums are over all ranks: rank 0 carries them.
+        Raises RuntimeError/KeyError/ValueError when the state was made for another model or settings."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema:
+            self.ema.load_state_dict(state["ema"])
+        self.data_gen.set_state(state["data_gen_epoch_start"])
+        self.epoch_gen_state = state["data_gen_epoch_start"]
+        rngs = rank_rngs(state, self.ranks)
+        if rngs:
+            self.aug_gen.set_state(rngs["aug_gen"].to(self.aug_gen.get_state().device))
+            torch.set_rng_state(rngs["torch_rng"])
+            if "cuda_rng" in rngs and self.hw.device.type == "cuda":
+                torch.cuda.set_rng_state(rngs["cuda_rng"], self.hw.device)
+        else:  # a rank the saved run did not have: fresh streams of its own, new for each resume point
+            reseed = distributed.rank_seed(self.cfg.run.seed, self.ranks.rank, state["epoch"], state["step"])
+            self.aug_gen.manual_seed(reseed)
+            torch.manual_seed(reseed + 1)
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
+        self.sums = state["partial"] if self.ranks.is_main else empty_sums()
