@@ -95,12 +95,12 @@ class InspectResult:
 def inspect(data: str | Path, *, config: str | Path | None = None, **overrides) -> InspectResult:
     """Detect the layout, count classes and images per split, decode every image once (into the cache
     training reuses) and list what cannot be read or would make the submission wrong."""
-    from imgcls import cache, data as datalib, layouts
+    from imgcls import cache, config as configs, data as datalib, layouts
 
     ds = layouts.read(data)
     cfg = resolve_config(data, config, overrides)
     samples, split_of = datalib.flatten(ds)
-    built = cache.build([s.path for s in samples], size=cfg.data.cache_size or cfg.data.image_size,
+    built = cache.build([s.path for s in samples], size=configs.cache_size(cfg.data),
                         resize=cfg.data.resize, cache_dir=cfg.data.cache_dir, workers=cfg.data.decode_workers,
                         progress=cfg.run.progress, name=f"{ds.layout}-{ds.root.name}")
     unreadable, skipped = datalib.sort_failures(samples, split_of, built.failed, strict=cfg.data.strict)

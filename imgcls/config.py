@@ -22,8 +22,11 @@ from imgcls.errors import UserError
 
 @dataclass
 class DataConfig:
-    image_size: int = 64  # px, side of the square image the model sees
-    cache_size: int = 0  # px, side of the decoded cache; 0 = image_size
+    image_size: int = 64  # px, side of the square image the model trains on (at the end of progressive resizing)
+    cache_size: int = 0  # px, side of the decoded cache; 0 = the larger of image_size and eval_size
+    eval_size: int = 0  # px the model is scored and predicts at; 0 = image_size (FixRes: larger than image_size)
+    prog_scale: float = 1.0  # progressive resizing: the first epochs train at this fraction of image_size; 1 = off
+    prog_end: float = 0.75  # ... growing to image_size by this fraction of the run, full size after it
     resize: str = "squash"  # how a photo becomes square in the cache: squash | center_crop
     val_fraction: float = 0.0  # >0: re-split train:val with this held-out fraction (stratified)
     strict: bool = False  # true: an unreadable training image is an error instead of a skip
@@ -31,8 +34,19 @@ class DataConfig:
     decode_workers: int = 0  # processes decoding the cache; 0 = all cores
 
 
+def eval_size(data: DataConfig) -> int:
+    """px the model is scored and predicts at."""
+    return data.eval_size or data.image_size
+
+
+def cache_size(data: DataConfig) -> int:
+    """px of the decoded cache: what eval and the crops for training draw from."""
+    return data.cache_size or max(data.image_size, eval_size(data))
+
+
 @dataclass
 class AugConfig:
+    aug: str = "custom"  # preset: custom (the keys below as set) | light | medium | strong | auto (by epochs)
     crop_scale: tuple[float, float] = (0.35, 1.0)  # random-resized-crop area fraction
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
     hflip: float = 0.5  # probability of a horizontal flip
@@ -56,7 +70,7 @@ class AugConfig:
 
 @dataclass
 class ModelConfig:
-    model: str = "resnet18s"  # a registered name (`imgcls models`) or timm:<name>
+    model: str = "resnet18s"  # a registered name (`imgcls models`), timm:<name>, or auto (by image_size)
     width: int = 0  # channels of the first stage of a built-in model; 0 = the model's default
     dropout: float = 0.0  # before the classifier
     init: str = ""  # path to initial weights (.safetensors); recorded with its sha256
@@ -65,13 +79,15 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 0.2  # peak learning rate per 512 images of global batch (scaled linearly)
-    weight_decay: float = 5e-4
+    optimizer: str = "sgd"  # sgd | adamw | lamb | ranger (Lookahead + RAdam) | lion | muon
+    lr: float = 0.0  # peak learning rate per 512 images of global batch (scaled linearly); 0 = the optimizer's default
+    weight_decay: float = 5e-4  # unset: the optimizer's default (recipes.OPTIMIZERS)
     momentum: float = 0.9
     nesterov: bool = True
+    schedule: str = "cosine"  # cosine | flat_cos | linear | onecycle, after warmup_epochs of linear warmup
     warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the peak
+    decay_start: float = 0.72  # flat_cos: the fraction of the run at the peak before the cosine decay starts
+    min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of the peak
     label_smoothing: float = 0.1
     focal_gamma: float = 0.0  # >0: focal loss (works with soft targets)
     accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step
@@ -107,6 +123,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        self.explicit: set[str] = set()  # keys given by defaults, a file or overrides (not a field: not saved)
 
     def to_dict(self) -> dict[str, Any]:
         return {s.name: _plain(dataclasses.asdict(getattr(self, s.name))) for s in dataclasses.fields(self)}
@@ -206,7 +225,9 @@ CHOICES = {
     "policy": ("none", "randaugment", "trivialaugment"),
     "mix_mode": ("batch", "sample"),
     "pretrained": ("off", "forbid"),
-    "optimizer": ("sgd", "adamw"),
+    "optimizer": ("sgd", "adamw", "lamb", "ranger", "lion", "muon"),
+    "schedule": ("cosine", "flat_cos", "linear", "onecycle"),
+    "aug": ("custom", "auto", "light", "medium", "strong"),
     "device": ("auto", "cpu", "cuda"),
     "amp": ("auto", "bf16", "off"),
     "channels_last": ("auto", "true", "false"),
@@ -229,6 +250,7 @@ def _set(cfg: Config, key: str, value: Any, index) -> None:
     if bare in CHOICES and value not in CHOICES[bare]:
         raise UserError(f"{bare}={value!r} is not one of {', '.join(CHOICES[bare])}.")
     setattr(getattr(cfg, section), bare, value)
+    cfg.explicit.add(bare)
 
 
 def apply(cfg: Config, values: dict[str, Any], index=None) -> Config:
@@ -280,6 +302,9 @@ def resolve(*, defaults: dict[str, Any] | None = None, file: str | Path | None =
             raise UserError(f"In {file}: {e}") from None
     if overrides:
         apply(cfg, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)), index)
+    from imgcls import recipes  # torch-free, like this module
+
+    recipes.fill(cfg)
     validate(cfg)
     return cfg
 

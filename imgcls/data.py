@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from imgcls import cache, layouts
+from imgcls import cache, config, layouts
 from imgcls.config import Config
 from imgcls.errors import UserError
 
@@ -60,7 +60,7 @@ def prepare(root, cfg: Config, *, progress: bool = True) -> Prepared:
     ds = layouts.read(root)
     ds.check()
     samples, split_of = flatten(ds)
-    size = cfg.data.cache_size or cfg.data.image_size
+    size = config.cache_size(cfg.data)
     built = cache.build([s.path for s in samples], size=size, resize=cfg.data.resize, cache_dir=cfg.data.cache_dir,
                         workers=cfg.data.decode_workers, progress=progress, name=f"{ds.layout}-{ds.root.name}")
     errors, skipped = sort_failures(samples, split_of, built.failed, strict=cfg.data.strict)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from imgcls import config
 from imgcls.errors import UserError
 from imgcls.hardware import Hardware
 from imgcls.inference import TTA_WEIGHT, load_run, tta_probs
@@ -160,7 +161,7 @@ def member_probs(m: Member, prepared, *, split: str, hw: Hardware, tta: int = 0,
             rows = prep.rows.get(split)
             if rows is None or len(rows) == 0:
                 raise UserError(f"{prep.dataset.root} has no {split} split to predict.")
-        probs = tta_probs(run.model, prep.images, rows, size=run.cfg.data.image_size, hw=hw, n=tta,
+        probs = tta_probs(run.model, prep.images, rows, size=config.eval_size(run.cfg.data), hw=hw, n=tta,
                           weight=tta_weight, views=tta_views, aug=run.cfg.aug, seed=run.cfg.run.seed,
                           batch_size=batch_size)
         parts.append(Probs([prep.ids[i] for i in rows], prep.classes, probs, labels=prep.labels[rows]))

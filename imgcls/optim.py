@@ -1,4 +1,4 @@
-"""What turns gradients into a trained model: the optimizer, the learning-rate schedule, the weight EMA."""
+"""What turns gradients into a trained model: the optimizer, the schedules (learning rate, image size), the weight EMA."""
 from __future__ import annotations
 
 import math
@@ -15,23 +15,66 @@ def peak_lr(cfg: OptimConfig, batch_size: int) -> float:
     return cfg.lr * batch_size / 512
 
 
-def lr_at(step: int, *, total: int, warmup: int, peak: float, floor: float) -> float:
-    """Linear warmup to `peak`, then cosine decay to `floor` at `total` steps."""
+def _cosine(progress: float) -> float:
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+
+# Decay shapes after the warmup: fraction of the way from `floor` to `peak` at `progress` in [0, 1].
+DECAYS = {
+    "cosine": lambda progress, cfg: _cosine(progress),
+    # fastai's fit_flat_cos (the Imagenette leaderboard entries): the peak until decay_start, then cosine.
+    "flat_cos": lambda progress, cfg: _cosine((progress - cfg.decay_start) / max(1e-9, 1 - cfg.decay_start)),
+    "linear": lambda progress, cfg: 1 - min(1.0, progress),
+}
+
+
+def lr_at(step: int, *, total: int, warmup: int, peak: float, cfg: OptimConfig) -> float:
+    """The learning rate of optimizer step `step` of `total`: linear warmup to `peak` over `warmup` steps,
+    then cfg.schedule's decay to peak * cfg.min_lr_ratio. onecycle (Smith 2018, as torch's OneCycleLR):
+    cosine from peak/25 up to the peak over the first 25% of the steps, then cosine down to peak/1e4."""
+    if cfg.schedule == "onecycle":
+        up = max(1, round(0.25 * total))
+        if step < up:
+            return peak / 25 + (peak - peak / 25) * (1 - _cosine(step / up))
+        return peak / 1e4 + (peak - peak / 1e4) * _cosine((step - up) / max(1, total - up))
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    floor = peak * cfg.min_lr_ratio
+    return floor + (peak - floor) * DECAYS[cfg.schedule]((step - warmup) / max(1, total - warmup), cfg)
+
+
+def size_at(epoch: int, *, epochs: int, size: int, scale: float, end: float) -> int:
+    """Progressive resizing (fastai's Imagenette recipe; Touvron et al. 2019 on why the last epochs
+    must be at full size): epoch 0 trains at scale * size, growing linearly to `size` by the epoch at
+    fraction `end` of the run and staying there. Sides are multiples of 16 px (at least 32): fewer
+    distinct shapes for the kernels to be set up for. scale >= 1: every epoch at `size`."""
+    if scale >= 1:
+        return size
+    full = max(1, round(end * epochs))
+    side = scale * size + (size - scale * size) * min(1.0, epoch / full)
+    return size if epoch >= full else min(size, max(32, int(side // 16) * 16))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weights decay, norms and biases do not (their scale carries no overfitting)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.ndim > 1]  # no weight decay on norms and biases
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizers = {
-        "sgd": lambda: torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov),
-        "adamw": lambda: torch.optim.AdamW(groups, lr=cfg.lr),
-    }
-    return optimizers[cfg.optimizer]()
+    """cfg.optimizer through timm's optimizer factory (recipes.OPTIMIZERS names timm's optimizer for
+    each). The lr set here is replaced before every step by the schedule."""
+    import timm.optim
+
+    from imgcls.recipes import OPTIMIZERS
+
+    name = OPTIMIZERS[cfg.optimizer].timm_name
+    if name == "sgd" and not cfg.nesterov:
+        name = "momentum"  # timm: sgd = Nesterov momentum, momentum = plain momentum
+    kwargs = {"momentum": cfg.momentum} if name in ("sgd", "momentum") else {}
+    return timm.optim.create_optimizer_v2(param_groups(model, cfg.weight_decay), opt=name, lr=cfg.lr,
+                                          weight_decay=cfg.weight_decay, **kwargs)
 
 
 def ema_update(decay: float):

@@ -381,7 +381,7 @@ def render_preview(manifest: dict, cfg: config.Config, *, images: int = PREVIEW_
     if not str(root) or not root.is_dir():
         return None, [], f"the dataset folder {root} is not there"
     ds = read_dataset(root, memo)
-    size = cfg.data.cache_size or cfg.data.image_size
+    size = config.cache_size(cfg.data)
     picked, arrays, seen = [], [], set()
     for s in ds.splits.get("train", []):
         if s.label in seen:

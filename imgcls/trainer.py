@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from imgcls import augment, checkpoint, distributed, hardware, inference, optim
+from imgcls import augment, checkpoint, config, distributed, hardware, inference, optim
 from imgcls.config import Config
 from imgcls.data import Prepared
 from imgcls.errors import UserError
@@ -106,7 +106,8 @@ class Trainer:
                  ranks: distributed.Ranks):
         self.cfg, self.prep, self.rows, self.hw, self.ranks = cfg, prep, rows, hw, ranks
         seed_everything(cfg.run.seed, cfg.run.deterministic)  # before the model: its init draws from torch's RNG
-        self.num_classes, self.size, self.batch_size = prep.dataset.num_classes, cfg.data.image_size, cfg.run.batch_size
+        self.num_classes, self.batch_size = prep.dataset.num_classes, cfg.run.batch_size
+        self.eval_size = config.eval_size(cfg.data)
         self.train_rows = torch.as_tensor(rows["train"])
         if len(self.train_rows) < self.batch_size:
             raise UserError(f"batch_size={self.batch_size} is larger than the {len(self.train_rows)} training images; "
@@ -127,7 +128,7 @@ class Trainer:
         self.optimizer = optim.build_optimizer(self.model, cfg.optim)
         self.ema = optim.build_ema(self.model, cfg.optim.ema)
         self.step_model = torch.compile(self.ddp) if cfg.run.compile else self.ddp
-        self.pipeline = augment.build_train_pipeline(cfg.aug, size=self.size)
+        self.pipelines: dict[int, list] = {}  # training size -> the augmentation at that size
         self.labels = torch.as_tensor(prep.labels)
         self.images: torch.Tensor | None = None  # the cache as place_images() put it; set by the caller
 
@@ -147,6 +148,17 @@ class Trainer:
     def finished(self) -> bool:
         return self.epoch >= self.cfg.run.epochs
 
+    @property
+    def size(self) -> int:
+        """px this epoch trains at (progressive resizing: smaller in the first epochs)."""
+        d = self.cfg.data
+        return optim.size_at(self.epoch, epochs=self.cfg.run.epochs, size=d.image_size, scale=d.prog_scale, end=d.prog_end)
+
+    def pipeline(self) -> list:
+        if self.size not in self.pipelines:
+            self.pipelines[self.size] = augment.build_train_pipeline(self.cfg.aug, size=self.size)
+        return self.pipelines[self.size]
+
     # --- the step ------------------------------------------------------------------------------
 
     def batches(self) -> Iterator[torch.Tensor]:
@@ -165,12 +177,12 @@ class Trainer:
         cfg, hw, accum = self.cfg, self.hw, self.cfg.optim.accum_steps
         t0 = time.perf_counter()
         self.set_lr(optim.lr_at(self.epoch * self.steps_per_epoch + self.step, total=self.total_steps,
-                                warmup=self.warmup, peak=self.peak, floor=self.peak * cfg.optim.min_lr_ratio))
+                                warmup=self.warmup, peak=self.peak, cfg=cfg.optim))
         batch = self.images.index_select(0, batch_rows.to(self.images.device)).to(hw.device, non_blocking=True)  # images[rows]: 7x slower on the CPU
         labels = self.labels[batch_rows].to(hw.device, non_blocking=True)
         with torch.no_grad():
             targets = augment.one_hot(labels, self.num_classes, cfg.optim.label_smoothing)
-            x, targets = augment.train_views(batch, targets, self.aug_gen, self.pipeline)
+            x, targets = augment.train_views(batch, targets, self.aug_gen, self.pipeline())
             x, targets = augment.mix(x, targets, self.aug_gen, cfg.aug, epoch=self.epoch, epochs=cfg.run.epochs)
             x = x.contiguous(memory_format=hw.memory_format)
         t1 = time.perf_counter()
@@ -214,7 +226,7 @@ class Trainer:
         """Score the epoch's weights, turn its sums into a metrics row, move on to the next epoch.
         Returns (metrics row, whether the score is the best so far)."""
         t_eval = time.perf_counter()
-        val_loss, val_acc = val_score(self.eval_model, self.images, self.rows["val"], self.prep.labels, size=self.size,
+        val_loss, val_acc = val_score(self.eval_model, self.images, self.rows["val"], self.prep.labels, size=self.eval_size,
                                       hw=self.hw, batch_size=self.cfg.run.eval_batch_size, ranks=self.ranks)
         self.eval_seconds = time.perf_counter() - t_eval
         sums = sum_counts(self.sums, self.ranks)  # all ranks' images; the timings are this rank's
@@ -223,7 +235,8 @@ class Trainer:
              "train_acc": float(sums["correct"]) / seen, "val_loss": val_loss, "val_acc": val_acc,
              "lr": self.optimizer.param_groups[0]["lr"], "train_images": int(sums["seen"]),  # over all ranks
              "seconds": sums["seconds"] + self.eval_seconds, "images_per_second": seen / max(1e-9, sums["seconds"]),
-             "data_seconds": sums["data"], "model_seconds": sums["model"], "eval_seconds": self.eval_seconds}
+             "data_seconds": sums["data"], "model_seconds": sums["model"], "eval_seconds": self.eval_seconds,
+             "image_size": self.size}
         if not math.isfinite(m["train_loss"]):
             raise FloatingPointError(f"loss is {m['train_loss']} at the end of epoch {self.epoch + 1}")
         improved = val_acc > self.best_acc  # the same on every rank: the score is reduced over all of them

@@ -324,7 +324,7 @@ def finish(out: Path, prep: Prepared, rows: dict[str, np.ndarray], hw: hardware.
     """Best weights -> validation and test logits on disk, and the submission when there is a test split.
     `images`: the cache as fit() placed it (on the GPU when it fits), so it is not copied there again."""
     checkpoint.load_weights(model, out / "best.safetensors")
-    size, bs = cfg.data.image_size, cfg.run.eval_batch_size
+    size, bs = config.eval_size(cfg.data), cfg.run.eval_batch_size
     images = prep.images if images is None else images
     val_logits = inference.infer(model, images, rows["val"], size=size, hw=hw, batch_size=bs)
     ensemble.save_probs(out / "val_logits.npz", ids=[prep.ids[i] for i in rows["val"]], classes=prep.classes,

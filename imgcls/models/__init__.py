@@ -2,6 +2,6 @@
 from imgcls.models.registry import create_model, list_models, register_model
 
 # Importing the families fills the registry.
-from imgcls.models import cnn, resnet, timm_bridge  # noqa: F401,E402
+from imgcls.models import cnn, resnet, resnet_d, timm_bridge  # noqa: F401,E402
 
 __all__ = ["create_model", "list_models", "register_model"]

@@ -1,0 +1,130 @@
+"""Recipe sweep: train arms (sets of key=value settings over a shared base) for some seeds, in one
+process, and print held-out accuracy as mean +- s.e. over the seeds, with wall time per run.
+
+    flock /tmp/imgcls.lock python benchmarks/sweep.py --data /work/data/food-10 --epochs 5 --seeds 0,1,2 \\
+        --base "image_size=128 cache_size=144" \\
+        --arm sgd "optimizer=sgd batch_size=32" --arm adamw "optimizer=adamw batch_size=32" --json sweep.jsonl
+
+Each run is `imgcls.train(data, fresh dir, **base, **arm, seed=s, epochs=E)` on the data's own split
+(food-11 layout: training/ -> validation/). `--eval-sizes 128,144,160` also scores the final weights at
+those test resolutions (FixRes). `--classes N` trains on the first N classes only (a symlinked view;
+`--held-out F` of their labelled images is the validation split).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import imgcls
+from imgcls import config, data, malloc
+
+
+def parse_settings(text: str) -> dict[str, str]:
+    return config.parse_overrides(text.split())
+
+
+def subset_view(root: Path, work: Path, *, classes: int, held_out: float, seed: int = 0) -> Path:
+    """The first `classes` classes of a dataset as an imagefolder of symlinks: train/ and val/ (a
+    stratified `held_out` part of the labelled images, seeded)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from time_to_accuracy import choose, labelled, make_view
+
+    paths, labels, names = labelled(root)
+    chosen = choose(labels, classes=classes, per_class=10**9)
+    _, held = data.stratified_split(labels[chosen], held_out, seed=seed)
+    view = work / f"{root.name}-{classes}"
+    make_view(view, [paths[i] for i in chosen], labels[chosen], names, held)
+    return view
+
+
+def score_at_sizes(run_dir: Path, data_root: Path, sizes: list[int]) -> dict[int, float]:
+    """Held-out accuracy of the run's final (last) weights at other test resolutions."""
+    import torch
+
+    from imgcls import hardware, inference
+
+    cfg = config.resolve(file=run_dir / "config.yaml")
+    hw = hardware.resolve(cfg.run)
+    run = inference.load_run(run_dir, weights="last", hw=hw)
+    out = {}
+    for size in sizes:
+        sized = config.resolve(defaults=cfg.to_dict(), overrides={"cache_size": max(size, config.cache_size(cfg.data))})
+        prep = data.prepare(data_root, sized, progress=False)
+        rows = prep.rows["val"]
+        logits = inference.infer(run.model, prep.images, rows, size=size, hw=hw)
+        out[size] = float((logits.argmax(1) == torch.as_tensor(prep.labels[rows])).float().mean())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--base", default="", help="key=value settings shared by every arm")
+    p.add_argument("--config", help="a YAML file under --base")
+    p.add_argument("--arm", nargs=2, action="append", metavar=("NAME", "SETTINGS"), required=True)
+    p.add_argument("--classes", type=int, default=0, help="train on the first N classes only")
+    p.add_argument("--held-out", type=float, default=0.2)
+    p.add_argument("--eval-sizes", default="", help="comma-separated test resolutions to score the final weights at")
+    p.add_argument("--json", type=Path, help="append one JSON line per run")
+    args = p.parse_args(argv)
+    malloc.keep_freed_memory()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sizes = [int(s) for s in args.eval_sizes.split(",") if s]
+    work = Path(tempfile.mkdtemp(prefix="imgcls-sweep-", dir="/tmp"))
+    os.environ.setdefault("IMGCLS_CACHE", str(Path(tempfile.gettempdir()) / "imgcls-sweep-cache"))
+    root = subset_view(args.data, work, classes=args.classes, held_out=args.held_out) if args.classes else args.data
+    base = parse_settings(args.base)
+    if args.classes:
+        base.setdefault("val_fraction", "0")  # the view's val/ is the held-out split
+    print(f"{time.strftime('%Y-%m-%d %H:%M')} {args.data} ({root}), {args.epochs} epochs, seeds {seeds}, "
+          f"base {args.config or ''} {args.base}", flush=True)
+    table = []
+    try:
+        for name, settings in args.arm:
+            runs = []
+            for seed in seeds:
+                out = work / f"{name}-{seed}"
+                t0 = time.time()
+                result = imgcls.train(root, out, config=args.config, verbose=False,
+                                      **{**base, **parse_settings(settings), "epochs": args.epochs, "seed": seed,
+                                         "progress": False})
+                wall = time.time() - t0
+                row = {"arm": name, "settings": settings, "seed": seed, "epochs": args.epochs,
+                       "final": result.final_val_acc, "best": result.best_val_acc, "wall": wall,
+                       "train_seconds": sum(m["seconds"] for m in result.metrics),
+                       "curve": [m["val_acc"] for m in result.metrics], "base": args.base, "data": str(args.data),
+                       "model": result.config.model.model}
+                if sizes:
+                    row["at_size"] = score_at_sizes(out, root, sizes)
+                runs.append(row)
+                print(f"  {name} seed {seed}: final {row['final']:.4f} best {row['best']:.4f} {wall:.0f}s "
+                      f"{row.get('at_size', '')}", flush=True)
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                shutil.rmtree(out, ignore_errors=True)
+            table.append((name, settings, runs))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{'arm':24s} {'final acc':>16s} {'best acc':>8s} {'wall s':>7s}  settings")
+    for name, settings, runs in table:
+        final = np.array([r["final"] for r in runs])
+        se = final.std(ddof=1) / math.sqrt(len(final)) if len(final) > 1 else float("nan")
+        print(f"{name:24s} {final.mean():.4f} +- {se:.4f} {np.mean([r['best'] for r in runs]):8.4f} "
+              f"{np.mean([r['wall'] for r in runs]):7.0f}  {settings}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

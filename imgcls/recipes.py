@@ -1,0 +1,66 @@
+"""The recipe: what the `auto` settings become and what each preset holds, with the measurement behind
+each choice (BENCHMARKS.md, "Recipes"). Pure data and one function, `fill`, which config.resolve()
+calls after every layer of settings is applied: a key the user set (in a file, as key=value, or as
+a dataset layout's default) is never changed here; the resolved values are saved in config.yaml,
+so a resumed or repeated run trains exactly as the first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    timm_name: str  # timm.optim.create_optimizer_v2's opt=
+    lr: float  # default peak learning rate per 512 images of batch
+    weight_decay: float  # default, on weights only (not on norms and biases)
+
+
+OPTIMIZERS = {
+    "sgd": Optimizer("sgd", lr=0.8, weight_decay=5e-4),  # Nesterov momentum 0.9 (momentum= and nesterov= apply)
+    "adamw": Optimizer("adamw", lr=0.024, weight_decay=0.05),
+    "lamb": Optimizer("lamb", lr=0.04, weight_decay=0.02),
+    "ranger": Optimizer("lookahead_radam", lr=0.064, weight_decay=0.01),  # fastai's Imagenette entries: 8e-3 at batch 64
+}
+
+AUG_PRESETS = {
+    # Crop and flip only: what converges in a few epochs (the Imagenette README: "mixup tends to only
+    # help for 80+ epochs").
+    "light": dict(crop_scale=(0.35, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.5, brightness=0.0, contrast=0.0,
+                  saturation=0.0, hue=0.0, policy="none", erasing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0),
+    # A few dozen epochs: wider crops and mild colour jitter.
+    "medium": dict(crop_scale=(0.25, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.5, brightness=0.2, contrast=0.2,
+                   saturation=0.2, hue=0.0, policy="none", erasing=0.0, mixup_alpha=0.0, cutmix_alpha=0.0),
+    # Long schedules: a policy op, erasing and mixing each epoch keep later epochs teaching.
+    "strong": dict(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.5, brightness=0.0, contrast=0.0,
+                   saturation=0.0, hue=0.0, policy="trivialaugment", erasing=0.25, mixup_alpha=0.2,
+                   cutmix_alpha=1.0, mix_prob=0.8, mix_mode="sample"),
+}
+
+
+def aug_for(epochs: int) -> str:
+    """aug=auto: the preset for a schedule of this many epochs."""
+    return "light" if epochs <= 30 else "medium" if epochs <= 80 else "strong"
+
+
+def model_for(image_size: int) -> str:
+    """model=auto: small inputs keep their resolution (3x3 stem); photos get a downsampling stem."""
+    return "resnet18s" if image_size <= 64 else "resnet26d"
+
+
+def fill(cfg) -> None:
+    """Resolve `auto` and unset settings of a Config in place; keys in cfg.explicit are kept."""
+    given = cfg.explicit
+    optimizer = OPTIMIZERS.get(cfg.optim.optimizer)
+    if optimizer:
+        if not cfg.optim.lr:
+            cfg.optim.lr = optimizer.lr
+        if "weight_decay" not in given:
+            cfg.optim.weight_decay = optimizer.weight_decay
+    if cfg.model.model == "auto":
+        cfg.model.model = model_for(cfg.data.image_size)
+    if cfg.aug.aug != "custom":
+        name = aug_for(cfg.run.epochs) if cfg.aug.aug == "auto" else cfg.aug.aug
+        for key, value in AUG_PRESETS[name].items():
+            if key not in given:
+                setattr(cfg.aug, key, value)
