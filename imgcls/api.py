@@ -146,7 +146,7 @@ def train(data: str | Path, out: str | Path, *, config: str | Path | None = None
         for path, why in prep.skipped.items():
             log(f"  {path}: {why}")
     try:
-        result = training.fit(cfg, prep, out, on_epoch=_epoch_logger(log), started=started, ranks=ranks)
+        result = training.fit(cfg, prep, out, on_epoch=_epoch_logger(log), log=log, started=started, ranks=ranks)
         ranks.barrier()  # rank 0 alone writes logits and submission after the last epoch: tear down together
     finally:
         distributed.shutdown(ranks)
@@ -158,11 +158,14 @@ def train(data: str | Path, out: str | Path, *, config: str | Path | None = None
 # --- cv ------------------------------------------------------------------------------------------
 
 def cv(data: str | Path, out: str | Path, *, folds: int | None = None, fold: int | list[int] | None = None,
-       config: str | Path | None = None, verbose: bool = True, _job: bool = False, **overrides):
+       refit: bool = False, submit: str | None = None, config: str | Path | None = None, verbose: bool = True,
+       _job: bool = False, **overrides):
     """K-fold cross validation over train + validation merged: one run per fold in out/fold-k/, the
     out-of-fold predictions, cv.json and the fold-mean submission; returns a CvResult. `folds`: K
     (default 5, or the K an earlier call saved in `out`); `fold`: train only these folds. A second
-    call trains only the folds that have not finished, with the first call's settings."""
+    call trains only the folds that have not finished, with the first call's settings. `refit`: then
+    a final fit on every labelled image for the folds' mean best epoch count (out/refit/);
+    `submit="folds"|"refit"`: which out/submission.csv is (default: the refit's when there is one)."""
     from imgcls import crossval, distributed
 
     if distributed.from_env()[1] > 1:
@@ -172,7 +175,8 @@ def cv(data: str | Path, out: str | Path, *, folds: int | None = None, fold: int
     out = Path(out)
     cfg = crossval.settings(out, lambda defaults: resolve_config(data, config, overrides, defaults=defaults))
     only = [fold] if isinstance(fold, int) else fold
-    result = crossval.run_cv(data, out, cfg, folds=folds, only=only, log=log, on_epoch=_epoch_logger(log), job=_job)
+    result = crossval.run_cv(data, out, cfg, folds=folds, only=only, log=log, on_epoch=_epoch_logger(log), job=_job,
+                              refit=refit, submit=submit)
     if result.summary:
         result.report, result.report_error = _auto_report(out)
     return result

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from imgcls import tmpfiles
 from imgcls.errors import UserError
 
 CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
@@ -168,7 +169,8 @@ def build(paths: list[Path], *, size: int, resize: str = "squash", cache_dir: st
         except (ValueError, KeyError, OSError):  # damaged by a crash or a full disk: build it again
             pass
 
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp.npy")
+    tmpfiles.remove_stale(cache_dir)  # caches a killed build left half-written
+    tmp = tmpfiles.temp_path(file, ".tmp.npy")
     _allocate(tmp, (len(paths), size, size, 3), cache_dir)
     workers = workers or os.cpu_count() or 1
     chunk = max(16, min(512, len(paths) // (workers * 8) + 1))
@@ -196,7 +198,7 @@ def build(paths: list[Path], *, size: int, resize: str = "squash", cache_dir: st
         raise
     finally:
         bar.close()
-    meta_tmp = meta_file.with_name(f".{meta_file.name}.{os.getpid()}.tmp")
+    meta_tmp = tmpfiles.temp_path(meta_file)
     meta_tmp.write_text(json.dumps({"version": CACHE_VERSION, "size": size, "resize": resize, "count": len(paths),
                                     "failed": {str(k): v for k, v in sorted(failed.items())}}))
     os.replace(meta_tmp, meta_file)

@@ -20,6 +20,7 @@ import torch.nn as nn
 import safetensors.torch
 from safetensors.torch import load_file
 
+from imgcls import tmpfiles
 from imgcls.errors import UserError
 
 
@@ -27,7 +28,7 @@ def _atomic(path: Path, data: bytes) -> None:
     """Write `data` to a temp file beside `path`, fsync, rename. The bytes are made in memory first and
     written here by Python, so a full disk is an OSError (ENOSPC): torch.save straight to a path reports
     it as an opaque RuntimeError ("unexpected pos"), and safetensors' save_file may not report it at all."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = tmpfiles.temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -62,8 +62,12 @@ def cmd_train(args) -> int:
     result = api.train(args.data, args.out, config=args.config, _job=args.train_only, **overrides(args))
     if not hasattr(result, "stopped"):
         return print_seeds(result, job=args.train_only)
-    print(f"best val_acc {result.best_val_acc:.4f} at epoch {result.best_epoch}, "
-          f"final val_acc {result.final_val_acc:.4f}, {result.seconds:.0f}s")
+    if result.config and result.config.data.holdout == "none":
+        print(f"trained on every labelled image (holdout=none): no validation score; the weights of epoch "
+              f"{result.best_epoch} are kept, {result.seconds:.0f}s")
+    else:
+        print(f"best val_acc {result.best_val_acc:.4f} at epoch {result.best_epoch}, "
+              f"final val_acc {result.final_val_acc:.4f}, {result.seconds:.0f}s")
     if result.stopped != "done":
         cfg = result.config
         why = {"time_limit": f"to stay within time_limit={cfg.run.time_limit}", "interrupted": "on Ctrl-C"}
@@ -102,6 +106,12 @@ def cmd_predict(args) -> int:
     tta_weight = {} if args.tta_weight is None else {"tta_weight": args.tta_weight}
     result = api.predict(args.runs, args.data, args.out, tta=args.tta, tta_views=args.tta_views,
                          ensemble=args.ensemble, weights=args.weights, device=args.device, **tta_weight)
+    if result.fitted:
+        fit = result.fitted
+        print(f"weights fitted by log loss on the {fit['images']} held-out images all runs share: "
+              + ", ".join(f"{w:.3f}" for w in result.weights)
+              + f" (log loss {fit['fitted']['log_loss']:.4f}, accuracy {fit['fitted']['accuracy']:.4f}; equal weights "
+              f"{fit['equal']['log_loss']:.4f}, {fit['equal']['accuracy']:.4f}; fitted on these images, so optimistic)")
     held = result.heldout
     if held and held["images"]:
         print(f"held-out accuracy, {result.views}, on the {held['images']} labelled images no run trained on:")
@@ -121,8 +131,8 @@ def cmd_cv(args) -> int:
     from imgcls import api
 
     out = Path(args.out)
-    result = api.cv(args.data, out, folds=args.folds, fold=args.fold, config=args.config, _job=args.train_only,
-                    **overrides(args))
+    result = api.cv(args.data, out, folds=args.folds, fold=args.fold, refit=args.refit, submit=args.submit,
+                    config=args.config, _job=args.train_only, **overrides(args))
     if result.interrupted:
         return 130
     for f in result.failed:
@@ -140,8 +150,14 @@ def cmd_cv(args) -> int:
     print(f"cv: fold acc {fa['mean']:.4f} +- {fa['std']:.4f} (mean +- sample std over {result.folds} folds), "
           f"out-of-fold acc {result.oof_acc:.4f} on {result.labelled_images} images")
     print(f"out-of-fold predictions: {result.oof}\nsummary: {result.summary}")
+    if result.refit:
+        o = result.refit["outcome"]
+        print(f"refit: {o['status']} on every labelled image for {result.refit['epochs']} epoch(s) (the folds' mean "
+              f"best epoch): {out / 'refit'}")
     if result.submission:
-        print(f"submission (mean of the {result.folds} folds' probabilities): {result.submission}")
+        source = ("the refit's" if result.submission_from == "refit" else
+                  f"mean of the {result.folds} folds' probabilities")
+        print(f"submission ({source}): {result.submission}")
     print_report(result.report, result.report_error)
     return 0
 
@@ -219,7 +235,8 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
                     help="fixed: flips and shifted crops (default, deterministic); aug: the run's training augmentation")
     sp.add_argument("--ensemble", default="mean", choices=["mean", "logits", "vote"],
                     help="combine runs: mean of probabilities, mean of logits, or majority vote (ties: summed probability)")
-    sp.add_argument("--weights", metavar="W1,W2,...", help="one weight per run (default equal)")
+    sp.add_argument("--weights", metavar="W1,W2,...|oof", help="one weight per run (default equal), or oof: fitted "
+                    "by log loss on the runs' shared held-out / out-of-fold predictions")
     sp = sub.add_parser("cv", help="k-fold cross validation over train+val: one run per fold, out-of-fold "
                         "predictions, fold-ensemble submission")
     sp.add_argument("data")
@@ -227,6 +244,10 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     sp.add_argument("--folds", type=int, default=None, metavar="K", help="number of folds (default 5, or the saved K)")
     sp.add_argument("--fold", type=int, action="append", metavar="k",
                     help="train only this fold (repeatable); finished folds are always skipped")
+    sp.add_argument("--refit", action="store_true", help="then train once on every labelled image (holdout=none) "
+                    "for the folds' mean best epoch count, into DIR/refit/")
+    sp.add_argument("--submit", choices=["folds", "refit"], help="DIR/submission.csv from the folds' mean or the refit "
+                    "(default: the refit with --refit)")
     sp.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)  # a child process of a parallel run
     overrides(sp)
     sp = sub.add_parser("preview", help="write the eval view and N training views of a few images, and a grid")

@@ -29,6 +29,7 @@ class DataConfig:
     prog_end: float = 0.75  # ... growing to image_size by this fraction of the run, full size after it
     resize: str = "squash"  # how a photo becomes square in the cache: squash | center_crop
     val_fraction: float = 0.0  # >0: re-split train:val with this held-out fraction (stratified)
+    holdout: str = "val"  # val | none: none trains on every labelled image (train + val), keeping the last weights
     strict: bool = False  # true: an unreadable training image is an error instead of a skip
     cache_dir: str = ""  # "" = $IMGCLS_CACHE or ~/.cache/imgcls
     decode_workers: int = 0  # processes decoding the cache; 0 = all cores
@@ -97,7 +98,7 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    epochs: int = 10
+    epochs: int = 10  # or auto: as many as fit in time_limit= (planned after a short calibration)
     batch_size: int = 256  # global batch, independent of the number of ranks
     eval_batch_size: int = 512
     seed: int = 0
@@ -222,6 +223,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 CHOICES = {
     "resize": ("squash", "center_crop"),
+    "holdout": ("val", "none"),
     "policy": ("none", "randaugment", "trivialaugment"),
     "mix_mode": ("batch", "sample"),
     "pretrained": ("off", "forbid"),
@@ -235,6 +237,9 @@ CHOICES = {
 }
 
 
+AUTO = {"epochs"}  # integer keys that also take the word auto
+
+
 def _set(cfg: Config, key: str, value: Any, index) -> None:
     bare = key.split(".", 1)[1] if "." in key else key
     if "." in key and key.split(".", 1)[0] not in SECTIONS:
@@ -246,7 +251,7 @@ def _set(cfg: Config, key: str, value: Any, index) -> None:
     section, f, hint_type = index[bare]
     if "." in key and key.split(".", 1)[0] != section:
         raise UserError(f"{bare} belongs to section {section!r}, not {key.split('.', 1)[0]!r}.")
-    value = _coerce(bare, value, hint_type)
+    value = "auto" if bare in AUTO and str(value).strip().lower() == "auto" else _coerce(bare, value, hint_type)
     if bare in CHOICES and value not in CHOICES[bare]:
         raise UserError(f"{bare}={value!r} is not one of {', '.join(CHOICES[bare])}.")
     setattr(getattr(cfg, section), bare, value)
@@ -312,7 +317,9 @@ def resolve(*, defaults: dict[str, Any] | None = None, file: str | Path | None =
 def validate(cfg: Config) -> None:
     checks = [
         (cfg.data.image_size >= 8, f"image_size must be at least 8 px, got {cfg.data.image_size}."),
-        (cfg.run.epochs >= 1, f"epochs must be at least 1, got {cfg.run.epochs}."),
+        (cfg.run.epochs == "auto" or cfg.run.epochs >= 1, f"epochs must be at least 1 (or auto), got {cfg.run.epochs}."),
+        (cfg.run.epochs != "auto" or cfg.run.time_limit,
+         "epochs=auto plans the schedule to fit time_limit=: give one too (e.g. time_limit=11h30m), or set epochs=N."),
         (cfg.run.batch_size >= 1, f"batch_size must be at least 1, got {cfg.run.batch_size}."),
         (cfg.optim.lr > 0, f"lr must be positive, got {cfg.optim.lr}."),
         (0 <= cfg.data.val_fraction < 1, f"val_fraction must be in [0, 1), got {cfg.data.val_fraction}."),

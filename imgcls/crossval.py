@@ -151,6 +151,8 @@ class CvResult:
     submission: Path | None = None  # mean of the folds' test probabilities
     report: object | None = None  # reporting.Report (its .path is report.html)
     report_error: str | None = None
+    refit: dict | None = None  # --refit: run, epochs, and its outcome
+    submission_from: str = "folds"  # folds (mean of their test probabilities) | refit
 
 
 def settings(out: Path, resolve: Callable[[dict | None], Config]) -> Config:
@@ -169,10 +171,15 @@ def settings(out: Path, resolve: Callable[[dict | None], Config]) -> Config:
 
 def run_cv(data_root: str | Path, out: str | Path, cfg: Config, *, folds: int | None = None,
            only: list[int] | None = None, log: jobs.Log, on_epoch: Callable[[dict], None] | None = None,
-           job: bool = False) -> CvResult:
+           job: bool = False, refit: bool = False, submit: str | None = None) -> CvResult:
     """Train the folds of `out` not finished yet (`only`: just these), then, once all are, collect
     the OOF file, cv.json and the fold-mean submission. `folds`: K, default the saved K or 5.
+    `refit`: then one holdout=none run on every labelled image for the folds' mean best epoch count
+    (out/refit/); `submit`: which one out/submission.csv comes from (default: refit when there is one).
     `job`: this process is one GPU's child of a parallel cv (train only)."""
+    submit = submit or ("refit" if refit else "folds")
+    if submit not in ("folds", "refit") or (submit == "refit" and not refit):
+        raise UserError(f"--submit {submit}: choose folds, or refit together with --refit.")
     out = Path(out)
     folds_file = out / "folds.json"
     k = folds or (json.loads(folds_file.read_text())["k"] if folds_file.is_file() else 5)
@@ -193,7 +200,8 @@ def run_cv(data_root: str | Path, out: str | Path, cfg: Config, *, folds: int | 
     result.trained = todo = [f for f in chosen if f not in result.kept]
 
     def train_one(i):
-        return jobs.train_job(cfg, prep, plan.fold_dir(todo[i]), rows=plan.fold_rows(todo[i]), on_epoch=on_epoch)
+        return jobs.train_job(cfg, prep, plan.fold_dir(todo[i]), rows=plan.fold_rows(todo[i]), on_epoch=on_epoch,
+                              log=log)
 
     def child_argv(i):
         return [sys.executable, "-m", "imgcls", "cv", str(data_root), "--out", str(out), "--folds", str(k),
@@ -211,4 +219,40 @@ def run_cv(data_root: str | Path, out: str | Path, cfg: Config, *, folds: int | 
     result.oof_loss, result.labelled_images = summary["oof_loss"], summary["labelled_images"]
     result.oof, result.summary = out / "oof.npz", out / "cv.json"
     result.submission = out / summary["submission"] if summary["submission"] else None
+    if refit:
+        result.refit = refit_all(data_root, out, cfg, result.per_fold, log=log, on_epoch=on_epoch)
+        if submit == "refit" and result.refit["outcome"]["status"] == "done" and result.submission:
+            from imgcls import checkpoint
+
+            checkpoint.write_bytes(result.submission, (out / "refit" / "submission.csv").read_bytes())
+            result.submission_from = "refit"
+        summary.update(refit=result.refit, submission_from=result.submission_from)
+        (out / "cv.json").write_text(json.dumps(summary, indent=2))
     return result
+
+
+def refit_all(data_root: str | Path, out: Path, cfg: Config, per_fold: list[dict], *, log: jobs.Log,
+              on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """A final fit on every labelled image (holdout=none) for the folds' mean best epoch count, into
+    out/refit/: each fold's best epoch is where its held-out score peaked, so their mean is the epoch
+    budget that cross validation supports. Kept when an earlier call finished it."""
+    import copy
+
+    epochs = max(1, round(float(np.mean([p["best_epoch"] for p in per_fold]))))
+    refit_cfg = copy.deepcopy(cfg)
+    refit_cfg.run.epochs, refit_cfg.data.holdout = epochs, "none"
+    if refit_cfg.aug.aug == "auto":  # epochs=auto folds: the preset for the epochs the refit trains
+        from imgcls import recipes
+
+        recipes.fill_aug(refit_cfg, epochs)
+    run_dir = out / "refit"
+    if jobs.is_done(run_dir):
+        log(f"refit: already finished in {run_dir}: kept")
+        outcome = jobs.read_outcome(run_dir)
+    else:
+        prep = data.prepare(data_root, refit_cfg, progress=cfg.run.progress)
+        log(f"--- refit: {epochs} epoch(s) (the folds' mean best epoch) on all {len(prep.rows['train'])} labelled "
+            f"images: {run_dir}")
+        outcome = jobs.train_job(refit_cfg, prep, run_dir, on_epoch=on_epoch, log=log)
+        log(jobs.outcome_line("refit", run_dir, outcome))
+    return {"run": "refit", "epochs": epochs, "outcome": outcome}

@@ -76,6 +76,10 @@ def prepare(root, cfg: Config, *, progress: bool = True) -> Prepared:
     prepared = Prepared(ds, built.images, labels, [s.id for s in samples], rows, skipped=skipped,
                         fingerprint=built.path.stem.rsplit("-", 1)[-1], cache_path=str(built.path),
                         cache_built=built.built)
+    if cfg.data.holdout == "none":  # a final fit on every labelled image: nothing is held out
+        labelled = np.concatenate([rows["train"], rows.get("val", np.empty(0, np.int64))])
+        prepared.rows["train"], prepared.rows["val"] = np.sort(labelled), np.empty(0, np.int64)
+        return prepared
     if cfg.data.val_fraction > 0:
         labelled = np.concatenate([rows["train"], rows.get("val", np.empty(0, np.int64))])
         train, val = stratified_split(labels[labelled], cfg.data.val_fraction, seed=cfg.run.seed)

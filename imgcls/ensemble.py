@@ -190,6 +190,42 @@ def heldout_accuracy(heldout: list[Probs], *, method: str = "mean", weights: lis
     return {"images": len(ids), "members": accs, "ensemble": float((preds.numpy() == labels).mean())}
 
 
+# --- ensemble weights fitted on held-out predictions -------------------------------------------------
+
+def fit_weights(heldout: list[Probs], *, method: str = "mean") -> tuple[list[float], dict]:
+    """Non-negative weights summing to 1 that minimise the log loss of the ensemble on the labelled
+    images every member holds out (out-of-fold predictions of cv members, validation predictions of
+    runs). Weights are a softmax of free parameters, so L-BFGS needs no constraints; a vote is fitted
+    as the mean of probabilities it breaks its ties with. Returns (weights, figures): images, log loss
+    and accuracy with the fitted and with equal weights, on those same images (so the fitted ones are
+    optimistic: they were chosen there)."""
+    from scipy.optimize import minimize
+
+    common = set(heldout[0].ids).intersection(*(h.ids for h in heldout[1:]))
+    ids = [i for i in heldout[0].ids if i in common]
+    if not ids:
+        raise UserError("--weights oof needs labelled images that every run holds out (the same images out of "
+                        "fold in each cv, or the same validation split), and these runs share none.")
+    aligned = [h.take(ids) for h in heldout]
+    labels = torch.as_tensor(aligned[0].labels)
+    probs = torch.stack([a.probs.double() for a in aligned])
+    pool = "logits" if method == "logits" else "mean"
+
+    def loss(z: np.ndarray) -> float:
+        w = torch.softmax(torch.as_tensor(z), 0)
+        scores, _ = ENSEMBLES[pool](probs, w)
+        return float(-scores[torch.arange(len(ids)), labels].clamp_min(1e-12).log().mean())
+
+    z = minimize(loss, np.zeros(len(heldout)), method="L-BFGS-B").x
+    weights = torch.softmax(torch.as_tensor(z), 0).tolist()
+    figures = {"images": len(ids)}
+    for name, w in (("fitted", weights), ("equal", [1 / len(heldout)] * len(heldout))):
+        _, preds = ensemble([a.probs for a in aligned], method=method, weights=w)
+        figures[name] = {"log_loss": loss(np.log(np.asarray(w) + 1e-12)),
+                         "accuracy": float((preds == labels).float().mean())}
+    return weights, figures
+
+
 # --- the submission from runs (`imgcls predict`) -------------------------------------------------
 
 @dataclass
@@ -202,12 +238,15 @@ class PredictResult:
     method: str
     weights: list[float] | None = None
     heldout: dict | None = None  # images, members (accuracy each), ensemble; None without held-out predictions
+    fitted: dict | None = None  # --weights oof: images, and log loss + accuracy with fitted and equal weights
 
 
-def parse_weights(weights: str | list[float] | None, n: int) -> list[float] | None:
-    """--weights: one number per run, as "1,1,2" or a list; None = equal."""
+def parse_weights(weights: str | list[float] | None, n: int) -> list[float] | str | None:
+    """--weights: one number per run, as "1,1,2" or a list; None = equal; "oof" = fitted on held-out predictions."""
     if weights is None or weights == "":
         return None
+    if weights == "oof":
+        return weights
     if isinstance(weights, str):
         try:
             weights = [float(w) for w in weights.split(",")]
@@ -238,6 +277,18 @@ def predict_runs(runs: list[str | Path], data_root: str | Path, out: str | Path,
         return preps[-1][1]
 
     tta_kw = dict(tta=tta, tta_weight=tta_weight, tta_views=tta_views, hw=hw)
+    heldout = None
+    if all(m.heldout for m in members):
+        # Held-out predictions with the same views as the submission: from disk when plain, else recomputed.
+        heldout = ([load_probs(m.heldout) for m in members] if not tta else
+                   [member_probs(m, prepared, split="heldout", **tta_kw) for m in members])
+    fitted = None
+    if weights == "oof":
+        if not heldout or not all(heldout):
+            raise UserError("--weights oof fits the weights on held-out predictions, but "
+                            + ", ".join(str(m.path) for m in members if not m.heldout)
+                            + " has none (a holdout=none run, or one whose data is not this folder).")
+        weights, fitted = fit_weights(heldout, method=method)
     parts = [member_probs(m, prepared, split="test", **tta_kw) for m in members]
     ids = parts[0].ids
     probs, preds = ensemble([p.take(ids).probs for p in parts], method=method, weights=weights)
@@ -245,10 +296,8 @@ def predict_runs(runs: list[str | Path], data_root: str | Path, out: str | Path,
     path = submission.write(prep.dataset, dict(zip(ids, preds.tolist())), out)
     Probs(ids, prep.classes, probs).save(path.with_suffix(".probs.npz"))
     views = f"plain + {tta} {tta_views} TTA views (plain weight {tta_weight})" if tta else "plain view"
-    result = PredictResult(path, path.with_suffix(".probs.npz"), len(ids), views, members, method, weights)
-    if all(m.heldout for m in members):
-        # Held-out predictions with the same views as the submission: from disk when plain, else recomputed.
-        heldout = ([load_probs(m.heldout) for m in members] if not tta else
-                   [member_probs(m, prepared, split="heldout", **tta_kw) for m in members])
-        result.heldout = heldout_accuracy(heldout, method=method, weights=weights) if all(heldout) else None
+    result = PredictResult(path, path.with_suffix(".probs.npz"), len(ids), views, members, method, weights,
+                           fitted=fitted)
+    if heldout and all(heldout):
+        result.heldout = heldout_accuracy(heldout, method=method, weights=weights)
     return result

@@ -42,7 +42,7 @@ def is_done(run_dir: Path) -> bool:
 
 
 def train_job(cfg: Config, prep: Prepared, out: Path, *, rows: dict[str, np.ndarray] | None = None,
-              on_epoch: Callable[[dict], None] | None = None) -> dict:
+              on_epoch: Callable[[dict], None] | None = None, log: Log | None = None) -> dict:
     """fit() into `out` and write `out/outcome.json`; an exception is caught and recorded as a failure
     (with the traceback in `out/error.txt`) so the other folds or seeds still run."""
     from imgcls import training
@@ -52,7 +52,7 @@ def train_job(cfg: Config, prep: Prepared, out: Path, *, rows: dict[str, np.ndar
     (out / OUTCOME).unlink(missing_ok=True)
     t0 = time.time()
     try:
-        result = training.fit(cfg, prep, out, rows=rows, on_epoch=on_epoch)
+        result = training.fit(cfg, prep, out, rows=rows, on_epoch=on_epoch, log=log)
         outcome = {"status": "done" if result.stopped == "done" else result.stopped,
                    "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
                    "final_val_acc": result.final_val_acc, "epochs": result.epochs_done}

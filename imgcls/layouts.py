@@ -146,11 +146,16 @@ def _read_tiny_imagenet(root: Path) -> Dataset:
 
 
 def _read_template(path: Path, ds: Dataset) -> list[str]:
-    with open(path, newline="") as f:
+    """The template's ids in its row order; its own two column names become the submission's header.
+    utf-8-sig: Excel and many Kaggle downloads start the file with a byte-order mark."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
-    if not rows or [c.strip() for c in rows[0][:2]] != list(ds.id_header):
-        ds.errors.append(f"{path}: the header must be {','.join(ds.id_header)}, got {','.join(rows[0]) if rows else 'nothing'}.")
+    header = [c.strip() for c in rows[0]] if rows else []
+    if len(header) != 2 or not all(header):
+        ds.errors.append(f"{path}: the header must name two columns, an id and a label (like "
+                         f"{','.join(ds.id_header)}), got {','.join(header) if rows else 'nothing'}.")
         return []
+    ds.id_header = (header[0], header[1])
     ids = [r[0].strip() for r in rows[1:] if r]
     test_ids = {s.id for s in ds.splits["test"]}
     missing = [i for i in ids if i not in test_ids]

@@ -59,8 +59,15 @@ def fill(cfg) -> None:
             cfg.optim.weight_decay = optimizer.weight_decay
     if cfg.model.model == "auto":
         cfg.model.model = model_for(cfg.data.image_size)
-    if cfg.aug.aug != "custom":
-        name = aug_for(cfg.run.epochs) if cfg.aug.aug == "auto" else cfg.aug.aug
-        for key, value in AUG_PRESETS[name].items():
-            if key not in given:
-                setattr(cfg.aug, key, value)
+    if cfg.aug.aug != "custom" and not (cfg.aug.aug == "auto" and cfg.run.epochs == "auto"):
+        fill_aug(cfg, cfg.run.epochs)  # with epochs=auto: once the plan knows the epochs (planning.py)
+
+
+def fill_aug(cfg, epochs: int) -> None:
+    """aug=<preset>, or auto for a run of `epochs`: the preset's values for the aug keys the user did
+    not set; cfg.aug.aug becomes the preset's name, so the saved config says which one it was."""
+    name = aug_for(epochs) if cfg.aug.aug == "auto" else cfg.aug.aug
+    for key, value in AUG_PRESETS[name].items():
+        if key not in cfg.explicit:
+            setattr(cfg.aug, key, value)
+    cfg.aug.aug = name

@@ -53,7 +53,7 @@ def run_seeds(data_root: str | Path, out: str | Path, cfg: Config, *, log: jobs.
     def train_one(i):
         seed_cfg = with_seed(cfg, todo[i])
         prep = data.prepare(data_root, seed_cfg, progress=cfg.run.progress)
-        return jobs.train_job(seed_cfg, prep, out / f"seed-{todo[i]}", on_epoch=on_epoch)
+        return jobs.train_job(seed_cfg, prep, out / f"seed-{todo[i]}", on_epoch=on_epoch, log=log)
 
     def child_argv(i):
         return [sys.executable, "-m", "imgcls", "train", str(data_root), "--out", str(out), "--config",

@@ -105,6 +105,9 @@ def read_source(path: str | Path) -> Source:
             source.probs = probs
         else:
             source.notes.append(f"{probs_file.name} holds no labels: no confusion matrix, per-class accuracy or mistakes.")
+    elif source.manifest.get("holdout") == "none":
+        source.notes.append("holdout=none: every labelled image was trained on, so there is no validation score, "
+                            "confusion matrix, per-class accuracy or mistakes (the last weights are kept).")
     else:
         source.notes.append(f"No {probs_file.name}: the run has not finished (it is written from the best weights at "
                             "the end), so there is no confusion matrix, per-class accuracy or mistakes.")
@@ -165,7 +168,9 @@ def key_figures(source: Source, cfg: config.Config | None) -> list[tuple[str, st
         if source.probs is not None:
             acc = float((source.probs.probs.argmax(1).numpy() == source.probs.labels).mean())
             rows.append(("validation accuracy (best weights)", f"{acc:.4f} on {len(source.probs.ids)} images"))
-        if metrics:
+        if source.manifest.get("holdout") == "none":
+            rows.append(("validation", "none: holdout=none trained on train + validation; the last weights are kept"))
+        elif metrics:
             best = max(metrics, key=lambda m: m.get("val_acc", -1))
             last = metrics[-1]
             rows.append(("best epoch", f"{best['epoch']} (val_acc {best.get('val_acc', float('nan')):.4f})"))

@@ -7,6 +7,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from imgcls import tmpfiles
 from imgcls.errors import UserError
 from imgcls.layouts import Dataset
 
@@ -44,7 +45,7 @@ def write(ds: Dataset, predictions: dict[str, int], path: str | Path) -> Path:
     writer.writerows(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = tmpfiles.temp_path(path)
     tmp.write_text(buf.getvalue())
     os.replace(tmp, path)
     return path

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from imgcls import augment, checkpoint, config, distributed, hardware, inference, optim
+from imgcls import augment, checkpoint, config, distributed, hardware, inference, optim, recipes
 from imgcls.config import Config
 from imgcls.data import Prepared
 from imgcls.errors import UserError
@@ -113,7 +113,8 @@ class Trainer:
             raise UserError(f"batch_size={self.batch_size} is larger than the {len(self.train_rows)} training images; "
                             f"set batch_size={2 ** int(math.log2(max(1, len(self.train_rows))))} or lower.")
         self.steps_per_epoch = len(self.train_rows) // self.batch_size  # the last partial batch is dropped
-        self.total_steps = cfg.run.epochs * self.steps_per_epoch
+        self.epochs = cfg.run.epochs if cfg.run.epochs != "auto" else 1  # epochs=auto: set_epochs() once planned
+        self.total_steps = self.epochs * self.steps_per_epoch
         self.warmup = int(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.peak = optim.peak_lr(cfg.optim, self.batch_size)
 
@@ -146,13 +147,25 @@ class Trainer:
 
     @property
     def finished(self) -> bool:
-        return self.epoch >= self.cfg.run.epochs
+        return self.epoch >= self.epochs
+
+    @property
+    def has_val(self) -> bool:
+        return len(self.rows["val"]) > 0  # holdout=none: every labelled image trains
 
     @property
     def size(self) -> int:
         """px this epoch trains at (progressive resizing: smaller in the first epochs)."""
         d = self.cfg.data
-        return optim.size_at(self.epoch, epochs=self.cfg.run.epochs, size=d.image_size, scale=d.prog_scale, end=d.prog_end)
+        return optim.size_at(self.epoch, epochs=self.epochs, size=d.image_size, scale=d.prog_scale, end=d.prog_end)
+
+    def set_epochs(self, epochs: int) -> None:
+        """The planned length of an epochs=auto run: the schedules, and aug=auto's preset, follow it."""
+        self.epochs = self.cfg.run.epochs = epochs
+        self.total_steps = epochs * self.steps_per_epoch
+        if self.cfg.aug.aug == "auto":
+            recipes.fill_aug(self.cfg, epochs)
+        self.pipelines.clear()
 
     def pipeline(self) -> list:
         if self.size not in self.pipelines:
@@ -183,7 +196,7 @@ class Trainer:
         with torch.no_grad():
             targets = augment.one_hot(labels, self.num_classes, cfg.optim.label_smoothing)
             x, targets = augment.train_views(batch, targets, self.aug_gen, self.pipeline())
-            x, targets = augment.mix(x, targets, self.aug_gen, cfg.aug, epoch=self.epoch, epochs=cfg.run.epochs)
+            x, targets = augment.mix(x, targets, self.aug_gen, cfg.aug, epoch=self.epoch, epochs=self.epochs)
             x = x.contiguous(memory_format=hw.memory_format)
         t1 = time.perf_counter()
         for k, (xs, ts) in enumerate(zip(x.chunk(accum), targets.chunk(accum))):
@@ -222,26 +235,34 @@ class Trainer:
 
     # --- the epoch's end -----------------------------------------------------------------------
 
+    def score(self) -> dict:
+        """val_loss and val_acc of the weights that are saved; none without held-out images."""
+        if not self.has_val:
+            return {}
+        loss, acc = val_score(self.eval_model, self.images, self.rows["val"], self.prep.labels, size=self.eval_size,
+                              hw=self.hw, batch_size=self.cfg.run.eval_batch_size, ranks=self.ranks)
+        return {"val_loss": loss, "val_acc": acc}
+
     def end_epoch(self) -> tuple[dict, bool]:
         """Score the epoch's weights, turn its sums into a metrics row, move on to the next epoch.
         Returns (metrics row, whether the score is the best so far)."""
         t_eval = time.perf_counter()
-        val_loss, val_acc = val_score(self.eval_model, self.images, self.rows["val"], self.prep.labels, size=self.eval_size,
-                                      hw=self.hw, batch_size=self.cfg.run.eval_batch_size, ranks=self.ranks)
+        scores = self.score()
         self.eval_seconds = time.perf_counter() - t_eval
         sums = sum_counts(self.sums, self.ranks)  # all ranks' images; the timings are this rank's
         seen = max(1, sums["seen"])
         m = {"epoch": self.epoch + 1, "train_loss": float(sums["loss"]) / seen,
-             "train_acc": float(sums["correct"]) / seen, "val_loss": val_loss, "val_acc": val_acc,
+             "train_acc": float(sums["correct"]) / seen, **scores,
              "lr": self.optimizer.param_groups[0]["lr"], "train_images": int(sums["seen"]),  # over all ranks
              "seconds": sums["seconds"] + self.eval_seconds, "images_per_second": seen / max(1e-9, sums["seconds"]),
              "data_seconds": sums["data"], "model_seconds": sums["model"], "eval_seconds": self.eval_seconds,
              "image_size": self.size}
         if not math.isfinite(m["train_loss"]):
             raise FloatingPointError(f"loss is {m['train_loss']} at the end of epoch {self.epoch + 1}")
-        improved = val_acc > self.best_acc  # the same on every rank: the score is reduced over all of them
+        # The same on every rank (the score is reduced over all of them); no held-out images: the last is kept.
+        improved = scores["val_acc"] > self.best_acc if self.has_val else True
         if improved:
-            self.best_acc, self.best_epoch = val_acc, self.epoch + 1
+            self.best_acc, self.best_epoch = scores.get("val_acc", float("nan")), self.epoch + 1
         self.epoch, self.step, self.sums = self.epoch + 1, 0, empty_sums()
         self.epoch_gen_state = self.data_gen.get_state()
         return m, improved

@@ -9,8 +9,10 @@ RunFiles write what a run directory holds. finish() turns the best weights into 
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import json
+import math
 import platform
 import signal
 import threading
@@ -24,7 +26,8 @@ import torch
 import torch.nn as nn
 
 import imgcls
-from imgcls import checkpoint, config, distributed, ensemble, hardware, inference, submission, tblog
+from imgcls import (checkpoint, config, distributed, ensemble, hardware, inference, optim, planning, submission,
+                    tblog, tmpfiles)
 from imgcls.config import Config
 from imgcls.data import Prepared
 from imgcls.errors import UserError
@@ -64,6 +67,7 @@ def manifest(cfg: Config, prep: Prepared, rows: dict[str, np.ndarray], hw: hardw
         "data": {"root": str(prep.dataset.root.resolve()), "layout": prep.dataset.layout,
                  "fingerprint": prep.fingerprint, "images": {k: int(len(v)) for k, v in rows.items()},
                  "skipped": len(prep.skipped), "skipped_files": prep.skipped},
+        "holdout": cfg.data.holdout,  # none: train = train + validation, no validation score, last weights kept
         "classes": prep.classes,
         "pretrained": {"path": str(Path(init).resolve()), "sha256": checkpoint.sha256(Path(init))} if init else False,
         "external_data": False,  # only files under data.root were read
@@ -72,13 +76,15 @@ def manifest(cfg: Config, prep: Prepared, rows: dict[str, np.ndarray], hw: hardw
 
 # --- stop rules ----------------------------------------------------------------------------------
 
-def stop_reserve(*, eval_seconds: float, step_seconds: float, n_val: int, n_test: int, limit: float) -> float:
+def stop_reserve(*, eval_seconds: float, step_seconds: float, n_val: int, n_test: int, limit: float,
+                 report: float = 0.0) -> float:
     """Seconds to keep in hand under time_limit= when deciding whether to take another step: that
     step, the epoch-end evaluation that may follow it, finish() (validation + test inference with
-    the best weights), and 10% of the limit, at most a minute, for loading weights, writing files
-    and a slow disk (finish() on a 5-image test split took 0.4 s more than its inference here)."""
+    the best weights), the `report` written after it, and 10% of the limit, at most a minute, for
+    loading weights, writing files and a slow disk (finish() on a 5-image test split took 0.4 s more
+    than its inference here)."""
     per_image = eval_seconds / max(1, n_val)
-    return step_seconds + eval_seconds + per_image * (n_val + n_test) + min(60.0, 0.1 * limit)
+    return step_seconds + eval_seconds + per_image * (n_val + n_test) + report + min(60.0, 0.1 * limit)
 
 
 @contextlib.contextmanager
@@ -137,7 +143,7 @@ class StopRules:
             stopped = "interrupted"
         elif self.limit and now - self.started > self.limit - stop_reserve(
                 eval_seconds=guess, step_seconds=trainer.step_seconds, n_val=self.n_val, n_test=self.n_test,
-                limit=self.limit):
+                limit=self.limit, report=planning.REPORT_SECONDS):
             stopped = "time_limit"
         due = bool(self.every and now - self.last_checkpoint > self.every)
         self.stopped, due = self.ranks.agree(stopped, due)
@@ -194,6 +200,7 @@ class RunFiles:
 
     def start(self, cfg: Config, prep: Prepared, rows: dict[str, np.ndarray], hw: hardware.Hardware) -> None:
         if self.main:
+            tmpfiles.remove_stale(self.out)  # half-written checkpoints of a killed run
             processes = {"processes": self.ranks.world} if self.ranks.active else {}
             checkpoint.write_text(self.out / "config.yaml", config.to_yaml(cfg))
             checkpoint.write_text(self.out / "manifest.json", json.dumps({**manifest(cfg, prep, rows, hw), **processes}, indent=2))
@@ -203,6 +210,25 @@ class RunFiles:
         state = trainer.state_dict()
         if self.main:
             checkpoint.save_state(state, self.out / "state.pt")
+
+    def save_weights_and_state(self, trainer: Trainer) -> None:
+        """What an epoch end writes, to throwaway files: the planner times it."""
+        state = trainer.state_dict()
+        if self.main:
+            for name, write in ((".calibration.pt", lambda p: checkpoint.save_state(state, p)),
+                                (".calibration.safetensors", lambda p: checkpoint.save_weights(trainer.eval_model, p))):
+                write(self.out / name)
+                (self.out / name).unlink()
+
+    def save_plan(self, cfg: Config, plan: planning.Plan | str | None) -> None:
+        """epochs=auto: the planned epochs (and aug=auto's preset) go into config.yaml, so a resume
+        continues the same schedule; plan.json keeps the figures behind them (a Plan, or the text of
+        a resumed run's plan.json; None: it is there already)."""
+        if self.main:
+            checkpoint.write_text(self.out / "config.yaml", config.to_yaml(cfg))
+            if plan is not None:
+                text = plan if isinstance(plan, str) else json.dumps(plan.to_dict(), indent=2)
+                checkpoint.write_text(self.out / "plan.json", text)
 
     def end_epoch(self, trainer: Trainer, m: dict, improved: bool) -> None:
         self.metrics.append(m)
@@ -249,6 +275,45 @@ def resume(trainer: Trainer, files: RunFiles, source: Path) -> None:
                 checkpoint.write_bytes(files.out / name, (source / name).read_bytes())
 
 
+# --- before the first step: the batch and the plan -------------------------------------------------
+
+def fit_batch(cfg: Config, n_train: int, ranks: distributed.Ranks, log: Callable[[str], None]) -> None:
+    """A batch larger than the training set becomes the largest power of two that fits (and splits
+    evenly over the ranks and accumulation steps); lr= is per 512 images, so it follows."""
+    b, split = cfg.run.batch_size, ranks.world * cfg.optim.accum_steps
+    if b > n_train:
+        fits = 2 ** int(math.log2(max(1, n_train)))
+        fits = max(split, fits // split * split)
+        if fits <= n_train:
+            cfg.run.batch_size = fits
+            log(f"batch_size={b} is more than the {n_train} training images: training with batch_size={fits} "
+                "(lr= is per 512 images, so it follows)")
+    distributed.check_batch(cfg.run.batch_size, ranks.world, cfg.optim.accum_steps)
+
+
+def plan_run(trainer: Trainer, files: RunFiles, rules: StopRules, log: Callable[[str], None]) -> None:
+    """time_limit=: calibrate, then with epochs=auto fix the epochs to fit (rank 0's plan, so all ranks
+    train alike); with fixed epochs, warn when the limit would cut the schedule."""
+    timing = planning.calibrate(trainer, files)
+    planned = planning.plan(trainer, timing, limit=rules.limit, elapsed=time.time() - rules.started)
+    planned = trainer.ranks.gather(planned)[0]
+    cfg = trainer.cfg
+    if cfg.run.epochs != "auto":
+        if planned.epochs < cfg.run.epochs:
+            stop = planned.epochs * trainer.steps_per_epoch
+            share = optim.lr_at(stop, total=trainer.total_steps, warmup=trainer.warmup, peak=trainer.peak,
+                                cfg=cfg.optim) / trainer.peak
+            log(f"warning: time_limit={cfg.run.time_limit} fits about {planned.epochs} of the {cfg.run.epochs} epochs; "
+                f"the run would stop with the learning rate at {100 * share:.0f}% of its peak. epochs=auto plans "
+                f"the schedule to end within the limit (or set epochs={max(1, planned.epochs)}).")
+        return
+    if planned.epochs < 1:
+        raise UserError(planning.too_short(planned))
+    trainer.set_epochs(planned.epochs)
+    files.save_plan(cfg, planned)
+    log(planned.line())
+
+
 # --- the loop ------------------------------------------------------------------------------------
 
 def train_epoch(trainer: Trainer, rules: StopRules, files: RunFiles) -> None:
@@ -256,7 +321,7 @@ def train_epoch(trainer: Trainer, rules: StopRules, files: RunFiles) -> None:
     from tqdm.auto import tqdm  # progress display
 
     cfg = trainer.cfg
-    bar = tqdm(total=trainer.steps_per_epoch, initial=trainer.step, desc=f"epoch {trainer.epoch + 1}/{cfg.run.epochs}",
+    bar = tqdm(total=trainer.steps_per_epoch, initial=trainer.step, desc=f"epoch {trainer.epoch + 1}/{trainer.epochs}",
                leave=False, disable=not cfg.run.progress or not trainer.ranks.is_main, dynamic_ncols=True, unit="step")
     for batch_rows in trainer.batches():
         trainer.train_step(batch_rows)
@@ -275,16 +340,18 @@ def train_epoch(trainer: Trainer, rules: StopRules, files: RunFiles) -> None:
 
 
 def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndarray] | None = None,
-        on_epoch: Callable[[dict], None] | None = None, started: float | None = None,
-        ranks: distributed.Ranks | None = None) -> TrainResult:
+        on_epoch: Callable[[dict], None] | None = None, log: Callable[[str], None] | None = None,
+        started: float | None = None, ranks: distributed.Ranks | None = None) -> TrainResult:
     """Train into `out`, continuing from its state.pt (or resume=RUN's) when there is one.
-    `started`: wall time (time.time()) that time_limit= counts from; default now.
+    `on_epoch(metrics row)` after each epoch, `log(line)` for what else is worth saying (the plan, a
+    smaller batch). `started`: wall time (time.time()) that time_limit= counts from; default now.
     `ranks`: this process's place in a torchrun data-parallel run (distributed.init); default one process."""
     t0 = time.time()
-    out, rows, ranks = Path(out), rows or prep.rows, ranks or distributed.Ranks()
+    cfg = copy.deepcopy(cfg)  # the plan and a smaller batch are this run's own, not its caller's
+    out, rows, ranks, log = Path(out), rows or prep.rows, ranks or distributed.Ranks(), log or (lambda text: None)
     out.mkdir(parents=True, exist_ok=True)
     hw = hardware.resolve(cfg.run)
-    distributed.check_batch(cfg.run.batch_size, ranks.world, cfg.optim.accum_steps)
+    fit_batch(cfg, len(rows["train"]), ranks, log)
     trainer = Trainer(cfg, prep, rows, hw, ranks)
     files = RunFiles(out, ranks)
     source = resume_source(cfg, out)
@@ -294,6 +361,12 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
     board = tblog.TensorBoard(out) if cfg.run.tensorboard and ranks.is_main else None
     trainer.images = place_images(prep, hw, cfg.run.data_on_device)
     rules = StopRules(cfg, started=started or t0, ranks=ranks, n_val=len(rows["val"]), n_test=len(rows.get("test", [])))
+    saved_plan = source / "plan.json" if source else None
+    if cfg.run.epochs == "auto" and saved_plan and saved_plan.is_file():  # `epochs=auto` again on a resume
+        trainer.set_epochs(json.loads(saved_plan.read_text())["epochs"])
+        files.save_plan(cfg, None if source == out else saved_plan.read_text())
+    elif rules.limit and (cfg.run.epochs == "auto" or not source):
+        plan_run(trainer, files, rules, log)
     with rules, user_errors(cfg, out):
         while not trainer.finished and rules.stopped == "done":
             train_epoch(trainer, rules, files)
@@ -310,7 +383,7 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
     if board:
         board.close()
     metrics = files.metrics
-    result = TrainResult(out, trainer.best_acc, metrics[-1]["val_acc"] if metrics else float("nan"),
+    result = TrainResult(out, trainer.best_acc, metrics[-1].get("val_acc", float("nan")) if metrics else float("nan"),
                          trainer.best_epoch, len(metrics), rules.stopped, metrics, config=cfg)
     if rules.stopped != "interrupted" and ranks.is_main and (out / "best.safetensors").is_file():
         with user_errors(cfg, out):
@@ -326,9 +399,10 @@ def finish(out: Path, prep: Prepared, rows: dict[str, np.ndarray], hw: hardware.
     checkpoint.load_weights(model, out / "best.safetensors")
     size, bs = config.eval_size(cfg.data), cfg.run.eval_batch_size
     images = prep.images if images is None else images
-    val_logits = inference.infer(model, images, rows["val"], size=size, hw=hw, batch_size=bs)
-    ensemble.save_probs(out / "val_logits.npz", ids=[prep.ids[i] for i in rows["val"]], classes=prep.classes,
-                         logits=val_logits, labels=prep.labels[rows["val"]])
+    if len(rows["val"]):  # holdout=none: no held-out images, so no validation predictions
+        val_logits = inference.infer(model, images, rows["val"], size=size, hw=hw, batch_size=bs)
+        ensemble.save_probs(out / "val_logits.npz", ids=[prep.ids[i] for i in rows["val"]], classes=prep.classes,
+                            logits=val_logits, labels=prep.labels[rows["val"]])
     if len(rows.get("test", [])) == 0:
         return None
     test_logits = inference.infer(model, images, rows["test"], size=size, hw=hw, batch_size=bs)
