@@ -80,6 +80,24 @@ class Recipe:
     eval_batch: int
 
 
+@dataclass(frozen=True)
+class TimmRecipe:
+    """timm's side when it trains with a recipe of its own (benchmarks/budget.py) instead of the shared
+    Recipe: train.py's options by name."""
+    opt: str  # --opt
+    lr: float  # the learning rate itself (train.py: --lr, or --lr-base scaled to the batch)
+    weight_decay: float
+    warmup_epochs: float
+    smoothing: float  # --smoothing (cross entropy), or with bce=True BinaryCrossEntropy's
+    bce: bool = False  # --bce-loss
+    mixup: float = 0.0  # --mixup
+    cutmix: float = 0.0  # --cutmix
+    auto_augment: str | None = None  # --aa, e.g. rand-m6-mstd0.5-inc1
+    color_jitter: float | None = None  # --color-jitter (None: off)
+    scale: tuple[float, float] = (0.08, 1.0)  # --scale
+    momentum: float = 0.9
+
+
 @dataclass
 class Outcome:
     name: str
@@ -156,16 +174,25 @@ def run_imgcls(view: Path, r: Recipe, work: Path) -> Outcome:
 
 # --- (b) timm's train.py pipeline ------------------------------------------------------------------
 
-def run_timm(view: Path, r: Recipe, work: Path, *, workers: int) -> Outcome:
+def shared_timm_recipe(r: Recipe) -> TimmRecipe:
+    """The shared Recipe as timm's options: both sides train alike."""
+    from imgcls import optim
+
+    return TimmRecipe(opt="sgd", lr=optim.peak_lr(config.OptimConfig(lr=r.lr), r.batch), weight_decay=r.weight_decay,
+                      warmup_epochs=r.warmup_epochs, smoothing=r.smoothing, scale=r.crop_scale, momentum=r.momentum)
+
+
+def run_timm(view: Path, r: Recipe, work: Path, *, workers: int, t: TimmRecipe | None = None) -> Outcome:
+    """timm's train.py pipeline on the view; `t`: timm's own recipe (default: the shared one)."""
     import timm.data
     import timm.loss
     import timm.optim
     import timm.scheduler
     import torch
 
-    from imgcls import optim
     from imgcls.models import create_model
 
+    t = t or shared_timm_recipe(r)
     device = torch.device(r.device)
     t0 = time.perf_counter()
     torch.manual_seed(r.seed)  # the same initial weights as imgcls's fit() (it seeds, then builds the model)
@@ -177,20 +204,27 @@ def run_timm(view: Path, r: Recipe, work: Path, *, workers: int) -> Outcome:
     common = dict(input_size=(3, r.size, r.size), interpolation="bilinear", num_workers=workers, device=device,
                   use_prefetcher=True, pin_memory=device.type == "cuda")
     train_loader = timm.data.create_loader(
-        train_set, batch_size=r.batch, is_training=True, scale=r.crop_scale, ratio=r.crop_ratio, hflip=r.hflip,
-        color_jitter=None, **common)  # None: no jitter (train.py's default is 0.4); crop + flip only
+        train_set, batch_size=r.batch, is_training=True, scale=t.scale, ratio=r.crop_ratio, hflip=r.hflip,
+        color_jitter=t.color_jitter, auto_augment=t.auto_augment, **common)  # None: no jitter (train.py: 0.4)
     # crop_pct=1, squash: the whole image resized to size, the view imgcls evaluates on (its cache rows).
     eval_loader = timm.data.create_loader(eval_set, batch_size=r.eval_batch, is_training=False, crop_pct=1.0,
                                           crop_mode="squash", **common)
-    optimizer = timm.optim.create_optimizer_v2(model, opt="sgd", lr=optim.peak_lr(config.OptimConfig(lr=r.lr), r.batch),
-                                               weight_decay=r.weight_decay, momentum=r.momentum)  # sgd = Nesterov
+    optimizer = timm.optim.create_optimizer_v2(model, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay,
+                                               momentum=t.momentum)  # sgd = Nesterov
     steps = len(train_loader)
-    warmup = int(r.warmup_epochs * steps)
+    warmup = int(t.warmup_epochs * steps)
     peak = optimizer.param_groups[0]["lr"]
     scheduler = timm.scheduler.CosineLRScheduler(optimizer, t_initial=max(1, r.epochs * steps - warmup), lr_min=0.0,
                                                  warmup_t=warmup, warmup_lr_init=peak / max(1, warmup),
                                                  warmup_prefix=True, t_in_epochs=False)
-    loss_fn = timm.loss.LabelSmoothingCrossEntropy(r.smoothing)
+    mixup = (timm.data.Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.smoothing,
+                             num_classes=len(os.listdir(view / "train"))) if t.mixup or t.cutmix else None)
+    if t.bce:  # train.py --bce-loss: BinaryCrossEntropy over (mixed, smoothed) targets
+        loss_fn = timm.loss.BinaryCrossEntropy(smoothing=0.0 if mixup else t.smoothing)
+    elif mixup:
+        loss_fn = timm.loss.SoftTargetCrossEntropy()
+    else:
+        loss_fn = timm.loss.LabelSmoothingCrossEntropy(t.smoothing)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=r.timm_amp)  # noqa: E731
     prepared = time.perf_counter() - t0
 
@@ -202,6 +236,8 @@ def run_timm(view: Path, r: Recipe, work: Path, *, workers: int) -> Outcome:
             t2 = time.perf_counter()
             parts["data"] += t2 - t1  # waiting for the workers (train.py's data_time)
             images = images.contiguous(memory_format=memory_format)
+            if mixup:
+                images, labels = mixup(images, labels)
             with autocast():
                 logits = model(images)
             loss = loss_fn(logits.float(), labels)

@@ -233,6 +233,16 @@ def preview(data: str | Path, out: str | Path, *, views: int = 8, images: int = 
     return render_preview(data, out, views=views, images=images, config=config, **overrides).grid_path
 
 
+def models(*, sizes: tuple[int, ...] = (64, 128), speed: bool = True, device: str = "auto", batch: int = 32):
+    """Every registered model: parameters, forward GFLOPs per image at `sizes`, and (speed=True)
+    training images/s measured on this machine with a run's precision and memory format."""
+    from imgcls import config as configs, hardware
+    from imgcls.models.profile import profile
+
+    hw = hardware.resolve(configs.RunConfig(device=device)) if speed else None
+    return profile(sizes=tuple(sizes), hw=hw, batch=batch)
+
+
 def demo(out: str | Path, *, verbose: bool = True, **overrides):
     """Lay out scikit-learn's bundled digits as a food-11 folder in out/data and train on them into out/run."""
     from imgcls import digits

@@ -182,6 +182,24 @@ def cmd_demo(args) -> int:
 
 
 @command
+def cmd_models(args) -> int:
+    from imgcls import api, hardware, recipes
+
+    sizes = tuple(int(x) for x in args.sizes.split(","))
+    found = api.models(sizes=sizes, speed=not args.no_speed, device=args.device, batch=args.batch)
+    where = "" if args.no_speed else f" (training img/s: batch {args.batch}, {hardware.describe(args.device)})"
+    print(f"{'model':12s} {'params':>8s} " + " ".join(f"{f'GFLOPs@{s}':>10s}" for s in sizes)
+          + ("" if args.no_speed else " " + " ".join(f"{f'img/s@{s}':>10s}" for s in sizes)) + where)
+    for p in found:
+        speed = "" if args.no_speed else " " + " ".join(f"{p.train_images_per_second[s]:10.1f}" for s in sizes)
+        print(f"{p.name:12s} {p.params / 1e6:7.2f}M " + " ".join(f"{p.gflops[s]:10.3f}" for s in sizes) + speed
+              + f"  {p.summary}")
+    print(f"model=auto: {recipes.model_for(64)} up to 64 px, {recipes.model_for(128)} above; any timm model as "
+          "model=timm:<name>")
+    return 0
+
+
+@command
 def cmd_preview(args) -> int:
     from imgcls import api
 
@@ -257,6 +275,11 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     sp.add_argument("--images", type=int, default=8, metavar="N",
                     help="training images, one per class in turn (default 8)")
     overrides(sp)
+    sp = sub.add_parser("models", help="the built-in models: parameters, FLOPs, and training images/s measured here")
+    sp.add_argument("--sizes", default="64,128", help="input sizes in px (default 64,128)")
+    sp.add_argument("--no-speed", action="store_true", help="skip the speed measurement (a few seconds per model)")
+    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sp.add_argument("--batch", type=int, default=32, help="batch size of the timed training steps")
     sp = sub.add_parser("report", help="plots (curves, confusion matrix, per-class accuracy, mistakes) and one "
                         "self-contained report.html for a run or cv directory")
     sp.add_argument("run", metavar="RUN", help="a run directory (imgcls train --out) or a cv directory (imgcls cv --out)")

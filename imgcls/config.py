@@ -93,7 +93,7 @@ class OptimConfig:
     focal_gamma: float = 0.0  # >0: focal loss (works with soft targets)
     accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step
     grad_clip: float = 0.0  # max global grad norm; 0 = off
-    ema: float = 0.0  # EMA decay per optimizer step (e.g. 0.999); 0 = off
+    ema: float = 0.0  # EMA decay per optimizer step (e.g. 0.999); 0 = off; auto = averaging the last 10% of the steps
 
 
 @dataclass
@@ -237,7 +237,7 @@ CHOICES = {
 }
 
 
-AUTO = {"epochs"}  # integer keys that also take the word auto
+AUTO = {"epochs", "ema"}  # number keys that also take the word auto
 
 
 def _set(cfg: Config, key: str, value: Any, index) -> None:
@@ -324,7 +324,7 @@ def validate(cfg: Config) -> None:
         (cfg.optim.lr > 0, f"lr must be positive, got {cfg.optim.lr}."),
         (0 <= cfg.data.val_fraction < 1, f"val_fraction must be in [0, 1), got {cfg.data.val_fraction}."),
         (cfg.optim.accum_steps >= 1, f"accum_steps must be at least 1, got {cfg.optim.accum_steps}."),
-        (0 <= cfg.optim.ema < 1, f"ema is a decay in [0, 1), got {cfg.optim.ema}."),
+        (cfg.optim.ema == "auto" or 0 <= cfg.optim.ema < 1, f"ema is a decay in [0, 1) or auto, got {cfg.optim.ema}."),
         (0 <= cfg.optim.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {cfg.optim.label_smoothing}."),
         (0 < cfg.aug.crop_scale[0] <= cfg.aug.crop_scale[1] <= 1,
          f"crop_scale must be two fractions lo,hi with 0 < lo <= hi <= 1, got {cfg.aug.crop_scale}."),

@@ -59,3 +59,14 @@ def make_generator(device: torch.device, seed: int) -> torch.Generator:
     g.manual_seed(seed)
     return g
 
+
+
+def describe(device: str = "auto") -> str:
+    """The device and precision a run with device= would use, in words (for printed figures)."""
+    import platform
+
+    hw = resolve(RunConfig(device=device))
+    name = torch.cuda.get_device_name(hw.device) if hw.device.type == "cuda" else (
+        f"{os.cpu_count()}-core CPU {platform.processor() or platform.machine()}")
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(hw.amp, "fp32")
+    return f"{name}, {amp}{', channels_last' if hw.channels_last else ''}"

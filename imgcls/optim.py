@@ -92,6 +92,18 @@ def ema_update(decay: float):
     return update
 
 
+EMA_SHARE = 0.1  # ema=auto averages over about this share of the run's steps
+
+
+def ema_decay(setting: float | str, total_steps: int) -> float:
+    """ema=auto: a decay whose horizon (1 / (1 - decay) steps) is EMA_SHARE of the run, so a 5-epoch run
+    averages its last few dozen steps and a 200-epoch run its last 20 epochs; a fixed decay such as
+    0.999 (1000 steps) would average mostly the early, untrained weights of a short run."""
+    if setting != "auto":
+        return float(setting)
+    return 1 - 1 / max(2.0, EMA_SHARE * total_steps)
+
+
 def build_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
     """An exponential moving average of the weights (and BatchNorm buffers), or None when decay is 0."""
     if not decay:

@@ -127,7 +127,7 @@ class Trainer:
         if ranks.rank:  # dropout: a stream of its own on each rank but 0 (which draws what one process draws)
             torch.manual_seed(distributed.rank_seed(cfg.run.seed, ranks.rank))
         self.optimizer = optim.build_optimizer(self.model, cfg.optim)
-        self.ema = optim.build_ema(self.model, cfg.optim.ema)
+        self.ema = optim.build_ema(self.model, optim.ema_decay(cfg.optim.ema, self.total_steps))
         self.step_model = torch.compile(self.ddp) if cfg.run.compile else self.ddp
         self.pipelines: dict[int, list] = {}  # training size -> the augmentation at that size
         self.labels = torch.as_tensor(prep.labels)
@@ -163,6 +163,8 @@ class Trainer:
         """The planned length of an epochs=auto run: the schedules, and aug=auto's preset, follow it."""
         self.epochs = self.cfg.run.epochs = epochs
         self.total_steps = epochs * self.steps_per_epoch
+        if self.cfg.optim.ema == "auto":  # before the first step: the average is still the initial weights
+            self.ema = optim.build_ema(self.model, optim.ema_decay("auto", self.total_steps))
         if self.cfg.aug.aug == "auto":
             recipes.fill_aug(self.cfg, epochs)
         self.pipelines.clear()

@@ -355,17 +355,18 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
     trainer = Trainer(cfg, prep, rows, hw, ranks)
     files = RunFiles(out, ranks)
     source = resume_source(cfg, out)
+    saved_plan = source / "plan.json" if source and (source / "plan.json").is_file() else None
+    if cfg.run.epochs == "auto" and saved_plan:  # `epochs=auto` again on a resume: the run's own plan
+        trainer.set_epochs(json.loads(saved_plan.read_text())["epochs"])
     if source:
         resume(trainer, files, source)
     files.start(cfg, prep, rows, hw)
+    if saved_plan:
+        files.save_plan(cfg, None if source == out else saved_plan.read_text())
     board = tblog.TensorBoard(out) if cfg.run.tensorboard and ranks.is_main else None
     trainer.images = place_images(prep, hw, cfg.run.data_on_device)
     rules = StopRules(cfg, started=started or t0, ranks=ranks, n_val=len(rows["val"]), n_test=len(rows.get("test", [])))
-    saved_plan = source / "plan.json" if source else None
-    if cfg.run.epochs == "auto" and saved_plan and saved_plan.is_file():  # `epochs=auto` again on a resume
-        trainer.set_epochs(json.loads(saved_plan.read_text())["epochs"])
-        files.save_plan(cfg, None if source == out else saved_plan.read_text())
-    elif rules.limit and (cfg.run.epochs == "auto" or not source):
+    if rules.limit and (cfg.run.epochs == "auto" or not source):
         plan_run(trainer, files, rules, log)
     with rules, user_errors(cfg, out):
         while not trainer.finished and rules.stopped == "done":

@@ -21,19 +21,23 @@ def _resnet_d(layers: list[int], bottleneck: bool, num_classes: int, *, width: i
 
 @register_model
 def resnet18d(num_classes: int, *, width: int = 64, dropout: float = 0.0) -> nn.Module:
+    """ResNet-18-D for 96-256 px photos: deep stem + max-pool (stage 1 at 1/4 of the input), basic blocks."""
     return _resnet_d([2, 2, 2, 2], False, num_classes, width=width, dropout=dropout)
 
 
 @register_model
 def resnet26d(num_classes: int, *, width: int = 64, dropout: float = 0.0) -> nn.Module:
+    """ResNet-26-D for 96-256 px photos: deep stem, 8 bottleneck blocks."""
     return _resnet_d([2, 2, 2, 2], True, num_classes, width=width, dropout=dropout)
 
 
 @register_model
 def resnet34d(num_classes: int, *, width: int = 64, dropout: float = 0.0) -> nn.Module:
+    """ResNet-34-D for 96-256 px photos: deep stem, 16 basic blocks."""
     return _resnet_d([3, 4, 6, 3], False, num_classes, width=width, dropout=dropout)
 
 
 @register_model
 def resnet50d(num_classes: int, *, width: int = 64, dropout: float = 0.0) -> nn.Module:
+    """ResNet-50-D for 96-256 px photos: deep stem, 16 bottleneck blocks."""
     return _resnet_d([3, 4, 6, 3], True, num_classes, width=width, dropout=dropout)
