@@ -61,14 +61,15 @@ def render(prep: Prepared, cfg: Config, *, views: int, images: int = 8) -> Previ
                               cfg.optim.label_smoothing)
     pipeline = augment.build_train_pipeline(cfg.aug, size=size)
     g = hardware.make_generator(hw.device, cfg.run.seed + 1)  # as fit() seeds its augmentation generator
+    epochs = cfg.run.epochs if cfg.run.epochs != "auto" else 10**6  # epochs=auto: not planned yet, mixing is on
     out = [to_uint8(augment.denormalize(augment.eval_views(batch, size=size)))]
     with torch.no_grad():
         for _ in range(views):  # each call is what one training step does to this batch
             x, t = augment.train_views(batch, targets, g, pipeline)
-            x, t = augment.mix(x, t, g, cfg.aug, epoch=0, epochs=cfg.run.epochs)
+            x, t = augment.mix(x, t, g, cfg.aug, epoch=0, epochs=epochs)
             out.append(to_uint8(augment.denormalize(x)))
     stacked = np.stack(out, axis=1)
-    mixed = (cfg.aug.mixup_alpha > 0 or cfg.aug.cutmix_alpha > 0) and cfg.run.epochs > cfg.aug.mix_off_epochs
+    mixed = (cfg.aug.mixup_alpha > 0 or cfg.aug.cutmix_alpha > 0) and epochs > cfg.aug.mix_off_epochs
     return Preview(_stems(prep, rows), stacked, [distinct_views(v[1:]) for v in stacked], mixed, size)
 
 

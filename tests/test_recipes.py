@@ -1,0 +1,105 @@
+"""The recipe (issue 15): models for the sizes users train at, optimizers and schedules, progressive
+resizing, presets that never override what the user set, and `imgcls models`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import FAST
+from imgcls import cli, config, optim, recipes
+from imgcls.models import create_model
+from imgcls.models.profile import forward_gflops
+
+
+def test_resnet_d_family_downsamples_in_the_stem_and_starts_each_block_as_identity():
+    for name in ("resnet18d", "resnet26d", "resnet34d", "resnet50d"):
+        model = create_model(name, 7)
+        assert model(torch.zeros(2, 3, 96, 96)).shape == (2, 7)
+        stem = [m for m in model.conv1.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert len(stem) == 3 and stem[0].stride == (2, 2)  # the deep stem, downsampling
+        last_bns = [b.bn3 if hasattr(b, "bn3") else b.bn2 for layer in (model.layer1, model.layer4) for b in layer]
+        assert all(torch.count_nonzero(bn.weight) == 0 for bn in last_bns)  # zero-init last BN per block
+        assert isinstance(model.layer2[0].downsample[0], torch.nn.AvgPool2d)  # the D shortcut
+    # FLOPs grow with the square of the side; the stride-4 stem costs a 16th of the small-input layout
+    small, photo = create_model("resnet18s", 10), create_model("resnet18d", 10)
+    assert forward_gflops(photo, 128) == pytest.approx(4 * forward_gflops(photo, 64), rel=0.05)
+    assert forward_gflops(small, 64) > 10 * forward_gflops(photo, 64)
+    assert create_model("resnet18d", 10, width=32)(torch.zeros(1, 3, 64, 64)).shape == (1, 10)
+
+
+def test_model_auto_chooses_by_image_size_and_aug_auto_by_epochs():
+    assert config.resolve(overrides={"model": "auto", "image_size": 64}).model.model == recipes.model_for(64)
+    assert config.resolve(overrides={"model": "auto", "image_size": 160}).model.model == recipes.model_for(160)
+    short = config.resolve(overrides={"aug": "auto", "epochs": 5})
+    long = config.resolve(overrides={"aug": "auto", "epochs": 200})
+    assert (short.aug.aug, short.aug.policy, short.aug.mixup_alpha) == ("light", "none", 0.0)
+    assert (long.aug.aug, long.aug.policy) == ("strong", "trivialaugment") and long.aug.mixup_alpha > 0
+
+
+def test_presets_and_optimizer_defaults_never_override_what_the_user_set(tmp_path):
+    cfg = config.resolve(overrides={"aug": "strong", "hflip": 0, "optimizer": "adamw", "weight_decay": 0.1})
+    assert cfg.aug.hflip == 0 and cfg.aug.policy == "trivialaugment"  # the preset fills the rest
+    assert cfg.optim.weight_decay == 0.1 and cfg.optim.lr == recipes.OPTIMIZERS["adamw"].lr
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config.to_yaml(cfg))
+    again = config.resolve(file=saved, overrides={"epochs": 3})  # a resume or rerun trains the same
+    assert again.to_dict() == {**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "epochs": 3}}
+
+
+@pytest.mark.parametrize("name", sorted(recipes.OPTIMIZERS))
+def test_every_optimizer_builds_and_steps_with_decay_only_on_weights(name):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    cfg = config.resolve(overrides={"optimizer": name}).optim
+    opt = optim.build_optimizer(model, cfg)
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.nn.functional.cross_entropy(model(torch.randn(16, 4)), torch.randint(0, 3, (16,))).backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    decays = sorted(g["weight_decay"] for g in opt.param_groups)
+    assert decays == [0.0, cfg.weight_decay]
+    assert all(p.ndim > 1 for g in opt.param_groups if g["weight_decay"] for p in g["params"])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "flat_cos", "linear", "onecycle"])
+def test_schedules_rise_to_the_peak_and_decay_to_the_floor(schedule):
+    cfg = config.resolve(overrides={"schedule": schedule}).optim
+    lrs = [optim.lr_at(s, total=200, warmup=20, peak=1.0, cfg=cfg) for s in range(200)]
+    assert max(lrs) == pytest.approx(1.0, rel=0.02) and lrs[-1] < 0.01 and lrs[0] < 0.1
+    peak_at = lrs.index(max(lrs))
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[peak_at:], lrs[peak_at + 1:]))  # no rise after the peak
+    if schedule == "flat_cos":
+        flat_until = 20 + round(cfg.decay_start * 180)
+        assert min(lrs[20:flat_until]) == pytest.approx(1.0)
+
+
+def test_progressive_resizing_ends_at_full_size():
+    sizes = [optim.size_at(e, epochs=10, size=128, scale=0.5, end=0.75) for e in range(10)]
+    assert sizes[0] == 64 and sizes[7] < 128 and sizes[8:] == [128, 128] and sizes == sorted(sizes)  # full from 3/4 on
+    assert all(s % 16 == 0 for s in sizes)
+    assert [optim.size_at(e, epochs=10, size=128, scale=1.0, end=0.75) for e in range(10)] == [128] * 10
+
+
+def test_ema_auto_spans_a_tenth_of_the_run():
+    assert 1 / (1 - optim.ema_decay("auto", 500)) == pytest.approx(50)
+    assert optim.ema_decay(0.999, 500) == 0.999 and optim.ema_decay(0.0, 500) == 0.0
+
+
+def test_a_run_with_progressive_resizing_and_eval_size_trains_and_scores_at_its_sizes(food11_tiny, tmp_path):
+    run = tmp_path / "run"
+    assert cli.main(["train", str(food11_tiny), "--out", str(run), *FAST, "image_size=64", "eval_size=72",
+                     "prog_scale=0.5", "epochs=4", "ema=auto", "optimizer=lamb"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["image_size"] for r in rows] == [32, 32, 48, 64]  # multiples of 16 up to full size at 3/4 of the run
+    assert config.cache_size(config.resolve(file=run / "config.yaml").data) == 72
+
+
+def test_models_lists_parameters_flops_and_measured_speed(capsys):
+    assert cli.main(["models", "--sizes", "32", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    for name in ("resnet18d", "resnet26d", "resnet18s", "tinycnn"):
+        line = next(l for l in out.splitlines() if l.startswith(name + " "))
+        params, gflops, speed = line.split()[1:4]
+        assert params.endswith("M") and float(gflops) > 0 and float(speed) > 0
+    assert "model=auto" in out
