@@ -1,14 +1,19 @@
 """Precision and device rules (issue 17): amp=auto by GPU capability, the refusal of a GPU this torch
 build has no kernels for, compile=true's fallback where Triton cannot run (all with faked device
-queries, on the CPU)."""
+queries, on the CPU), and fp16 + GradScaler training on the CPU: overflowing steps skipped and counted,
+divergence told apart from them, and a SIGKILLed fp16 run resumed bit for bit."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import FAST
-from imgcls import api, cli, config, hardware
+from imgcls import api, checkpoint, cli, config, hardware, trainer
 from imgcls.errors import UserError
+from test_resume import colours, kill_and_resume, run_reference  # noqa: F401 - colours: the fixture
 
 # torch.cuda.get_arch_list() of a CUDA 12.6 wheel (still sm_50..sm_90) and of a cu128 one without Pascal.
 CU126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
@@ -142,3 +147,90 @@ def test_compile_falls_back_to_eager_where_triton_cannot_run(monkeypatch):
     fake_gpus(monkeypatch, T4)
     assert hardware.resolve(cfg.run).compile and hardware.resolve(cfg.run).notes == ()
     assert not hardware.resolve(run_config()).compile
+
+
+# --- fp16 + GradScaler, on the CPU ---------------------------------------------------------------
+
+def metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_scale_follows_the_skips(rows: list[dict]) -> None:
+    """The scale starts at torch's 2^16 and halves at each skipped step (no growth: that takes 2000 steps)."""
+    skipped = [m["skipped_steps"] for m in rows]
+    assert [m["loss_scale"] for m in rows] == [65536.0 / 2 ** sum(skipped[:i + 1]) for i in range(len(rows))]
+
+
+def test_fp16_with_a_grad_scaler_trains_on_the_cpu(food11_tiny, tmp_path):
+    run = tmp_path / "run"
+    assert cli.main(["train", str(food11_tiny), "--out", str(run), *FAST, "amp=fp16", "epochs=3"]) == 0
+    rows = metrics(run)
+    assert_scale_follows_the_skips(rows)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] and rows[-1]["val_acc"] > 1 / 3
+    scaler = checkpoint.load_state(run / "state.pt")["scaler"]
+    assert scaler["scale"] == rows[-1]["loss_scale"] and scaler["growth_interval"] == 2000
+    off = tmp_path / "off"
+    assert cli.main(["train", str(food11_tiny), "--out", str(off), *FAST, "amp=off", "epochs=1"]) == 0
+    assert "skipped_steps" not in metrics(off)[0] and checkpoint.load_state(off / "state.pt")["scaler"] == {}
+
+
+def overflow_on(monkeypatch, steps: set[int], where: str) -> None:
+    """Make the loss (where="loss") or only the gradients (where="gradient") of these 1-based steps inf."""
+    calls = []
+    train_loss = trainer.loss_fn
+
+    def overflowing(logits, targets, **kw):
+        calls.append(1)
+        loss = train_loss(logits, targets, **kw)
+        if len(calls) not in steps:
+            return loss
+        if where == "loss":
+            return loss * float("inf")
+        loss.register_hook(lambda grad: grad * float("inf"))  # the loss stays finite, its gradients do not
+        return loss
+    monkeypatch.setattr(trainer, "loss_fn", overflowing)
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_an_fp16_overflow_skips_that_step_counts_it_and_the_run_goes_on(food11_tiny, tmp_path, monkeypatch, where):
+    overflow_on(monkeypatch, {2}, where)  # epoch 1 of 3 steps, step 2
+    run = tmp_path / "run"
+    assert cli.main(["train", str(food11_tiny), "--out", str(run), *FAST, "amp=fp16"]) == 0
+    rows = metrics(run)
+    assert [(m["skipped_steps"], m["loss_scale"]) for m in rows] == [(1, 32768.0), (0, 32768.0)]
+    assert all(m["train_loss"] > 0 for m in rows)  # finite: the overflowing micro-batch is left out of the mean
+    weights = load_file(run / "last.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_fp16_steps_that_always_overflow_are_divergence(food11_tiny, tmp_path, capsys, monkeypatch):
+    overflow_on(monkeypatch, set(range(1, 1000)), "gradient")
+    run = tmp_path / "run"
+    assert cli.main(["train", str(food11_tiny), "--out", str(run), *FAST, "amp=fp16", "epochs=8"]) == 1
+    err = capsys.readouterr().err
+    # 2^16 halved by 18 skips is 0.25: checked after step 3 of epoch 6, the first check below 1.
+    assert ("Training diverged: 3 of the 3 fp16 steps of epoch 6 overflowed and the loss scale fell to 0.25" in err
+            and "Lower lr=" in err)
+    state = checkpoint.load_state(run / "state.pt")
+    assert (state["epoch"], state["step"], state["scaler"]["scale"]) == (5, 0, 2.0)  # the last epoch end
+
+
+def test_a_state_from_before_the_scaler_resumes(food11_tiny, tmp_path):
+    run = tmp_path / "run"
+    assert cli.main(["train", str(food11_tiny), "--out", str(run), *FAST, "amp=fp16", "epochs=1"]) == 0
+    state = checkpoint.load_state(run / "state.pt")
+    del state["scaler"]
+    for key in ("finite", "skipped"):
+        del state["partial"][key]
+    checkpoint.save_state(state, run / "state.pt")
+    assert cli.main(["train", str(food11_tiny), "--out", str(run), "epochs=2"]) == 0
+    assert [m["epoch"] for m in metrics(run)] == [1, 2]
+    assert checkpoint.load_state(run / "state.pt")["scaler"]["_growth_tracker"] == 3  # a fresh scaler, 3 steps
+
+
+def test_sigkill_at_random_points_then_fp16_resume_is_bit_identical(colours, tmp_path_factory, tmp_path):
+    reference = run_reference(colours, tmp_path_factory, "amp=fp16")
+    rows = metrics(reference["run"])
+    assert_scale_follows_the_skips(rows)  # this data overflows fp16 once, in epoch 3: resumed exactly too
+    for out in kill_and_resume(colours, reference, tmp_path):  # compares the scaler states as well
+        assert checkpoint.load_state(out / "state.pt")["scaler"]["scale"] == rows[-1]["loss_scale"]
