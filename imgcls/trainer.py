@@ -336,4 +336,6 @@ class Trainer:
         self.epoch, self.step = state["epoch"], state["step"]
         self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
         partial = {**empty_sums(), "finite": state["partial"]["seen"], **state["partial"]}  # older states: all finite
-        self.sums = partial if self.ranks.is_main else empty_sums()
+        # Skipped steps are the same count on every rank (not a sum): each carries it, so the divergence
+        # rule (check_overflow) decides alike on all ranks after a resume.
+        self.sums = partial if self.ranks.is_main else {**empty_sums(), "skipped": partial["skipped"]}
