@@ -56,6 +56,17 @@ def resolve_config(data: str | Path | None, config: str | Path | None = None, ov
     return configs.resolve(defaults=defaults or {}, file=config, overrides=dict(overrides or {}))
 
 
+def _hardware(cfg, log: Callable[[str], None]):
+    """The run's hardware.Hardware, resolved before the cache is decoded: a GPU this torch cannot run is
+    refused here (UserError), and a setting it changes (compile=true on a GPU Triton cannot run) is logged."""
+    from imgcls import hardware
+
+    hw = hardware.resolve(cfg.run)
+    for note in hw.notes:
+        log(note)
+    return hw
+
+
 def _auto_report(run_dir: Path):
     """The report at the end of train and cv: the run is on disk already, so a failure here only warns.
     Returns (reporting.Report or None, the warning or None)."""
@@ -117,7 +128,7 @@ def train(data: str | Path, out: str | Path, *, config: str | Path | None = None
     A second call with the same `out` resumes it from its state.pt (resume=RUN: from another run).
     Under torchrun every process calls this; rank 0 writes the run. `_job`: a child of a seeds= run."""
     started = time.time()  # time_limit= counts from here: decoding the cache is part of the session
-    from imgcls import config as configs, data as datalib, distributed, hardware, repeats, training
+    from imgcls import config as configs, data as datalib, distributed, repeats, training
 
     log = _logger(verbose)
     cfg = resolve_config(data, config, overrides)
@@ -127,6 +138,7 @@ def train(data: str | Path, out: str | Path, *, config: str | Path | None = None
             raise UserError(f"seeds= runs whole trainings one after another (or one per GPU by itself); it does not "
                             f"combine with torchrun's {world} processes. Start `imgcls train ... seeds=...` without "
                             "torchrun, or train each seed=N with torchrun separately.")
+        _hardware(cfg, log)
         return repeats.run_seeds(data, out, cfg, log=log, on_epoch=_epoch_logger(log), job=_job)
     source = training.resume_source(cfg, out)
     if source and (source / "config.yaml").is_file():
@@ -135,7 +147,7 @@ def train(data: str | Path, out: str | Path, *, config: str | Path | None = None
         given = " ".join(f"{k}={v}" for k, v in overrides.items())
         log(f"resuming from {source / 'state.pt'} with the settings in {source / 'config.yaml'}"
             f"{' and ' + given if given else ''}")
-    ranks = distributed.init(hardware.resolve(cfg.run).device)  # no process group without torchrun
+    ranks = distributed.init(_hardware(cfg, log).device)  # no process group without torchrun
     t_cache = time.time()
     with distributed.node_leader_first(ranks):  # one process per machine decodes; the others then reuse it
         prep = datalib.prepare(data, cfg, progress=cfg.run.progress and ranks.is_main)
@@ -174,6 +186,7 @@ def cv(data: str | Path, out: str | Path, *, folds: int | None = None, fold: int
     log = _logger(verbose)
     out = Path(out)
     cfg = crossval.settings(out, lambda defaults: resolve_config(data, config, overrides, defaults=defaults))
+    _hardware(cfg, log)
     only = [fold] if isinstance(fold, int) else fold
     result = crossval.run_cv(data, out, cfg, folds=folds, only=only, log=log, on_epoch=_epoch_logger(log), job=_job,
                               refit=refit, submit=submit)

@@ -104,7 +104,7 @@ class RunConfig:
     seed: int = 0
     seeds: tuple[int, ...] = ()  # repeats: train once per seed and summarize
     device: str = "auto"  # auto | cpu | cuda
-    amp: str = "auto"  # auto | bf16 | off (auto: bf16 on cuda and on CPUs with AMX/AVX512_BF16, else off)
+    amp: str = "auto"  # auto | bf16 | fp16 | off (auto: by device, see hardware.auto_amp; fp16 uses a GradScaler)
     channels_last: str = "auto"  # auto | true | false (auto: on with amp, and on the CPU)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False
@@ -231,7 +231,7 @@ CHOICES = {
     "schedule": ("cosine", "flat_cos", "linear", "onecycle"),
     "aug": ("custom", "auto", "light", "medium", "strong"),
     "device": ("auto", "cpu", "cuda"),
-    "amp": ("auto", "bf16", "off"),
+    "amp": ("auto", "bf16", "fp16", "off"),
     "channels_last": ("auto", "true", "false"),
     "data_on_device": ("auto", "true", "false"),
 }

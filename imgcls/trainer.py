@@ -12,13 +12,22 @@ import math
 import os
 import random
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
-from imgcls import augment, checkpoint, config, distributed, hardware, inference, optim, recipes
+from imgcls import (
+    augment,
+    checkpoint,
+    config,
+    distributed,
+    hardware,
+    inference,
+    optim,
+    recipes,
+)
 from imgcls.config import Config
 from imgcls.data import Prepared
 from imgcls.errors import UserError
@@ -29,8 +38,11 @@ CHECK_EVERY = 20  # steps between NaN checks and progress updates: .item() is a 
 
 
 def empty_sums() -> dict:
-    """The running sums of an epoch: over all ranks in a checkpoint, this rank's while training."""
-    return {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0, "data": 0.0, "model": 0.0}
+    """The running sums of an epoch: over all ranks in a checkpoint, this rank's while training.
+    finite: images whose micro-batch loss was finite (train_loss is the mean over them: all but fp16's
+    overflowing ones); skipped: fp16 steps the GradScaler skipped (the same on every rank: DDP has
+    averaged the gradients before the scaler looks at them)."""
+    return {"loss": 0.0, "correct": 0, "seen": 0, "finite": 0, "skipped": 0, "seconds": 0.0, "data": 0.0, "model": 0.0}
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -64,11 +76,24 @@ def _floats(sums: dict) -> dict:
 
 
 def sum_counts(sums: dict, ranks: distributed.Ranks) -> dict:
-    """Epoch sums over all ranks (loss, correct, seen); the timings stay this rank's. One process: `sums`."""
+    """Epoch sums over all ranks (loss, correct, seen, finite); the timings and skipped steps stay this
+    rank's. One process: `sums`."""
     if not ranks.active:
         return sums
-    loss, correct, seen = ranks.sum([sums["loss"], sums["correct"], sums["seen"]])
-    return {**_floats(sums), "loss": loss, "correct": int(correct), "seen": int(seen)}
+    loss, correct, seen, finite = ranks.sum([sums["loss"], sums["correct"], sums["seen"], sums["finite"]])
+    return {**_floats(sums), "loss": loss, "correct": int(correct), "seen": int(seen), "finite": int(finite)}
+
+
+def add_loss(sums: dict, loss: torch.Tensor, n: int, *, fp16: bool) -> None:
+    """A micro-batch's loss into the epoch sums. fp16: a non-finite loss (the scaler skips that step)
+    is left out of the mean and of `finite`; otherwise a NaN stays in the sum, for the NaN guard."""
+    if fp16:
+        ok = torch.isfinite(loss)
+        sums["loss"] += torch.where(ok, loss, 0.0) * n
+        sums["finite"] += ok.int() * n
+    else:
+        sums["loss"] += loss * n
+        sums["finite"] += n
 
 
 def rank_rngs(state: dict, ranks: distributed.Ranks) -> dict | None:
@@ -128,7 +153,9 @@ class Trainer:
             torch.manual_seed(distributed.rank_seed(cfg.run.seed, ranks.rank))
         self.optimizer = optim.build_optimizer(self.model, cfg.optim)
         self.ema = optim.build_ema(self.model, optim.ema_decay(cfg.optim.ema, self.total_steps))
-        self.step_model = torch.compile(self.ddp) if cfg.run.compile else self.ddp
+        self.step_model = torch.compile(self.ddp) if hw.compile else self.ddp  # hw: off where Triton cannot run
+        self.scaler = hw.grad_scaler()  # fp16 loss scaling; a pass-through for bf16 and fp32
+        self.one = torch.ones((), device=hw.device)  # scaler.scale(one): the loss scale, without a sync point
         self.pipelines: dict[int, list] = {}  # training size -> the augmentation at that size
         self.labels = torch.as_tensor(prep.labels)
         self.images: torch.Tensor | None = None  # the cache as place_images() put it; set by the caller
@@ -187,34 +214,14 @@ class Trainer:
             yield distributed.shard(self.train_rows[perm[step * b:(step + 1) * b]], self.ranks)
 
     def train_step(self, batch_rows: torch.Tensor) -> None:
-        """One optimizer step on one batch: augment on the device, forward and backward per micro-batch,
-        update, EMA. Running sums stay on the device (no sync point)."""
-        cfg, hw, accum = self.cfg, self.hw, self.cfg.optim.accum_steps
+        """One optimizer step on one batch: augment on the device (the data path), then model_step().
+        Running sums stay on the device (no sync point)."""
         t0 = time.perf_counter()
         self.set_lr(optim.lr_at(self.epoch * self.steps_per_epoch + self.step, total=self.total_steps,
-                                warmup=self.warmup, peak=self.peak, cfg=cfg.optim))
-        batch = self.images.index_select(0, batch_rows.to(self.images.device)).to(hw.device, non_blocking=True)  # images[rows]: 7x slower on the CPU
-        labels = self.labels[batch_rows].to(hw.device, non_blocking=True)
-        with torch.no_grad():
-            targets = augment.one_hot(labels, self.num_classes, cfg.optim.label_smoothing)
-            x, targets = augment.train_views(batch, targets, self.aug_gen, self.pipeline())
-            x, targets = augment.mix(x, targets, self.aug_gen, cfg.aug, epoch=self.epoch, epochs=self.epochs)
-            x = x.contiguous(memory_format=hw.memory_format)
+                                warmup=self.warmup, peak=self.peak, cfg=self.cfg.optim))
+        x, targets = self.augmented_batch(batch_rows)
         t1 = time.perf_counter()
-        for k, (xs, ts) in enumerate(zip(x.chunk(accum), targets.chunk(accum))):
-            with distributed.no_sync(self.ddp, skip=k < accum - 1):  # one all-reduce per step
-                with hw.autocast():
-                    logits = self.step_model(xs)
-                loss = loss_fn(logits.float(), ts, focal_gamma=cfg.optim.focal_gamma)
-                (loss / accum).backward()
-            self.sums["correct"] += (logits.argmax(1) == ts.argmax(1)).sum()
-            self.sums["loss"] += loss.detach() * len(xs)  # every micro-batch's loss, not the last one's
-        if cfg.optim.grad_clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema:
-            self.ema.update_parameters(self.model)
+        self.model_step(x, targets)
         t2 = time.perf_counter()
         self.step += 1
         self.step_seconds = t2 - t0
@@ -223,17 +230,65 @@ class Trainer:
         self.sums["model"] += t2 - t1
         self.sums["seconds"] += t2 - t0
 
+    def augmented_batch(self, batch_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache rows -> (normalized, augmented, mixed images in the memory format; soft targets) on the device."""
+        cfg, hw = self.cfg, self.hw
+        batch = self.images.index_select(0, batch_rows.to(self.images.device)).to(hw.device, non_blocking=True)  # images[rows]: 7x slower on the CPU
+        labels = self.labels[batch_rows].to(hw.device, non_blocking=True)
+        with torch.no_grad():
+            targets = augment.one_hot(labels, self.num_classes, cfg.optim.label_smoothing)
+            x, targets = augment.train_views(batch, targets, self.aug_gen, self.pipeline())
+            x, targets = augment.mix(x, targets, self.aug_gen, cfg.aug, epoch=self.epoch, epochs=self.epochs)
+        return x.contiguous(memory_format=hw.memory_format), targets
+
+    def model_step(self, x: torch.Tensor, targets: torch.Tensor) -> None:
+        """Forward and backward per micro-batch, update, EMA (benchmarks/gpu_check.py times it alone)."""
+        cfg, hw, accum = self.cfg, self.hw, self.cfg.optim.accum_steps
+        fp16, scale = self.scaler.is_enabled(), self.scaler.scale(self.one)
+        for k, (xs, ts) in enumerate(zip(x.chunk(accum), targets.chunk(accum))):
+            with distributed.no_sync(self.ddp, skip=k < accum - 1):  # one all-reduce per step
+                with hw.autocast():
+                    logits = self.step_model(xs)
+                loss = loss_fn(logits.float(), ts, focal_gamma=cfg.optim.focal_gamma)
+                self.scaler.scale(loss / accum).backward()  # fp16: scaled up, so small gradients do not flush to 0
+            self.sums["correct"] += (logits.argmax(1) == ts.argmax(1)).sum()
+            add_loss(self.sums, loss.detach(), len(xs), fp16=fp16)  # every micro-batch's loss, not the last one's
+        if cfg.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients (torch.amp examples, "Gradient clipping")
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)  # fp16: no update when a gradient is inf/NaN
+        self.scaler.update()  # ... and the scale halves, so it dropped exactly when the step was skipped:
+        if fp16:
+            self.sums["skipped"] += (self.scaler.scale(self.one) < scale).int()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema:
+            self.ema.update_parameters(self.model)
+
     def set_lr(self, lr: float) -> None:
         self.lr = lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
     def check_finite(self) -> float:
-        """Mean training loss so far this epoch; NaN/inf raises, so it never reaches a checkpoint."""
-        mean_loss = float(self.sums["loss"]) / max(1, self.sums["seen"])  # .item(): a CPU-GPU sync point
+        """Mean training loss so far this epoch; NaN/inf raises, so it never reaches a checkpoint. Under
+        fp16 the mean is over the finite losses: an overflow the scaler skipped is no divergence."""
+        mean_loss = float(self.sums["loss"]) / max(1, int(self.sums["finite"]))  # .item(): a CPU-GPU sync point
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"loss is {mean_loss} in epoch {self.epoch + 1} by step {self.step}")
+        self.check_overflow()
         return mean_loss
+
+    def check_overflow(self) -> None:
+        """fp16: some skipped steps are normal (the scaler starts at 2^16 and halves per skip until the
+        gradients fit, then doubles every 2000 steps and finds the edge again). Divergence: most of this
+        epoch's steps skipped and the scale below 1, where gradients overflow even unscaled (torch's
+        GradScaler.update docs: "If the scale falls below 1 ... something is likely wrong")."""
+        if not self.scaler.is_enabled():
+            return
+        skipped, scale = int(self.sums["skipped"]), self.scaler.get_scale()
+        if 2 * skipped > self.step and scale < 1:
+            raise FloatingPointError(f"{skipped} of the {self.step} fp16 steps of epoch {self.epoch + 1} overflowed and "
+                                     f"the loss scale fell to {scale:.3g} (amp=bf16 or amp=off avoid fp16's range)")
 
     # --- the epoch's end -----------------------------------------------------------------------
 
@@ -252,13 +307,15 @@ class Trainer:
         scores = self.score()
         self.eval_seconds = time.perf_counter() - t_eval
         sums = sum_counts(self.sums, self.ranks)  # all ranks' images; the timings are this rank's
-        seen = max(1, sums["seen"])
-        m = {"epoch": self.epoch + 1, "train_loss": float(sums["loss"]) / seen,
+        seen, finite = max(1, sums["seen"]), int(sums["finite"])
+        m = {"epoch": self.epoch + 1, "train_loss": float(sums["loss"]) / finite if finite else math.nan,
              "train_acc": float(sums["correct"]) / seen, **scores,
              "lr": self.optimizer.param_groups[0]["lr"], "train_images": int(sums["seen"]),  # over all ranks
              "seconds": sums["seconds"] + self.eval_seconds, "images_per_second": seen / max(1e-9, sums["seconds"]),
              "data_seconds": sums["data"], "model_seconds": sums["model"], "eval_seconds": self.eval_seconds,
              "image_size": self.size}
+        if self.scaler.is_enabled():  # fp16: steps the scaler skipped on overflow, and where the scale stands
+            m.update(skipped_steps=int(sums["skipped"]), loss_scale=self.scaler.get_scale())
         if not math.isfinite(m["train_loss"]):
             raise FloatingPointError(f"loss is {m['train_loss']} at the end of epoch {self.epoch + 1}")
         # The same on every rank (the score is reduced over all of them); no held-out images: the last is kept.
@@ -284,13 +341,16 @@ class Trainer:
                 "data_gen_epoch_start": self.epoch_gen_state, **rngs,
                 **({"rank_rngs": all_rngs} if self.ranks.active else {}),  # rank r's generators, for a resume on as many ranks
                 "epoch": self.epoch, "step": self.step, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
-                "partial": totals, "finished": self.finished}
+                "partial": totals, "finished": self.finished,
+                "scaler": self.scaler.state_dict()}  # fp16's loss scale and growth tracker; {} otherwise
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a state_dict(). The saved epoch sums are over all ranks: rank 0 carries them.
         Raises RuntimeError/KeyError/ValueError when the state was made for another model or settings."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler") and self.scaler.is_enabled():  # an fp16 state (older states have no entry)
+            self.scaler.load_state_dict(state["scaler"])
         if self.ema:
             self.ema.load_state_dict(state["ema"])
         self.data_gen.set_state(state["data_gen_epoch_start"])
@@ -307,4 +367,7 @@ class Trainer:
             torch.manual_seed(reseed + 1)
         self.epoch, self.step = state["epoch"], state["step"]
         self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
-        self.sums = state["partial"] if self.ranks.is_main else empty_sums()
+        partial = {**empty_sums(), "finite": state["partial"]["seen"], **state["partial"]}  # older states: all finite
+        # Skipped steps are the same count on every rank (not a sum): each carries it, so the divergence
+        # rule (check_overflow) decides alike on all ranks after a resume.
+        self.sums = partial if self.ranks.is_main else {**empty_sums(), "skipped": partial["skipped"]}

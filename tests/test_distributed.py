@@ -109,6 +109,20 @@ def test_resume_across_a_change_in_the_number_of_processes(runs, tmp_path):
     assert checkpoint.load_state(onto_two / "state.pt")["epoch"] == 3
 
 
+def test_fp16_with_its_grad_scaler_under_two_processes(runs, tmp_path):
+    """Each process has its own GradScaler; DDP averages the gradients before the scaler looks at them,
+    so all skip the same steps. With gradient accumulation (no_sync on all but the last micro-batch)."""
+    out = tmp_path / "fp16"
+    train(runs["data"], out, runs["cache"], "epochs=2", "amp=fp16", "accum_steps=2", ranks=2)
+    rows = metrics(out)
+    assert [m["train_images"] for m in rows] == [24, 24]
+    assert all(m["skipped_steps"] <= 3 and 0 < m["train_loss"] < 10 for m in rows)
+    assert checkpoint.load_state(out / "state.pt")["scaler"]["scale"] == rows[-1]["loss_scale"]
+    resumed = tmp_path / "onto_one"  # and on one process, from the 2-process fp16 state
+    train(runs["data"], resumed, runs["cache"], f"resume={out}", "epochs=3", "amp=fp16")  # RUN has amp=off
+    assert [m["epoch"] for m in metrics(resumed)] == [1, 2, 3] and "skipped_steps" in metrics(resumed)[-1]
+
+
 def test_global_batch_must_split_evenly_over_the_processes():
     distributed.check_batch(8, 2, 1)
     distributed.check_batch(7, 1, 1)  # one process: anything goes

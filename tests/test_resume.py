@@ -51,14 +51,20 @@ def child_env(cache_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(colours, tmp_path_factory):
-    """An uninterrupted run, and how many checkpoints it wrote (the kill points to draw from)."""
+    return run_reference(colours, tmp_path_factory)
+
+
+def run_reference(colours: Path, tmp_path_factory, *extra: str) -> dict:
+    """An uninterrupted run (RUN + `extra` settings), and how many checkpoints it wrote (the kill points
+    to draw from)."""
     out = tmp_path_factory.mktemp("reference") / "run"
     env = child_env(tmp_path_factory.mktemp("cache"))
-    proc = subprocess.Popen(train_argv(colours, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(train_argv(colours, out, *extra), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     checkpoints = count_checkpoints(proc, out)
     output = proc.communicate()[0]
     assert proc.returncode == 0, output
-    return {"run": out, "checkpoints": checkpoints, "env": env}
+    return {"run": out, "checkpoints": checkpoints, "env": env, "extra": extra}
 
 
 def count_checkpoints(proc: subprocess.Popen, out: Path, until: int | None = None) -> int:
@@ -91,6 +97,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     for i, buf in sa["optimizer"]["state"].items():
         assert torch.equal(buf["momentum_buffer"], sb["optimizer"]["state"][i]["momentum_buffer"])
     assert (sa["epoch"], sa["step"], sa["finished"]) == (sb["epoch"], sb["step"], True)
+    assert sa.get("scaler") == sb.get("scaler")  # fp16: loss scale and growth tracker; {} otherwise
 
 
 def kill_once(colours: Path, reference: dict, out: Path, rng: random.Random) -> str:
@@ -99,8 +106,8 @@ def kill_once(colours: Path, reference: dict, out: Path, rng: random.Random) -> 
     was, from the state.pt it left."""
     for _ in range(5):  # checkpoints are time-based, so a run may write fewer: then draw again
         k, delay = rng.randint(1, reference["checkpoints"]), rng.uniform(0, 0.06)
-        proc = subprocess.Popen(train_argv(colours, out), env=reference["env"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(train_argv(colours, out, *reference["extra"]), env=reference["env"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         count_checkpoints(proc, out, until=k)
         time.sleep(delay)
         if proc.poll() is None:
@@ -118,16 +125,28 @@ def kill_once(colours: Path, reference: dict, out: Path, rng: random.Random) -> 
 
 
 def test_sigkill_at_random_points_then_resume_is_bit_identical(colours, reference, tmp_path):
-    seed = int(os.environ.get("IMGCLS_KILL_SEED", random.randrange(1 << 30)))
+    kill_and_resume(colours, reference, tmp_path)
+
+
+def kill_and_resume(colours: Path, reference: dict, tmp_path: Path) -> list[Path]:
+    """IMGCLS_KILLS random SIGKILLs of the reference's command, each resumed and compared with it bit for
+    bit; returns the resumed run directories."""
+    # SystemRandom: an in-process training earlier in the session has called random.seed(seed=) (trainer.seed_everything)
+    seed = int(os.environ.get("IMGCLS_KILL_SEED", random.SystemRandom().randrange(1 << 30)))
     rng = random.Random(seed)
+    runs = []
     for k in range(int(os.environ.get("IMGCLS_KILLS", "1"))):
         out = tmp_path / f"killed-{k}"
         where = kill_once(colours, reference, out, rng)
-        result = subprocess.run(train_argv(colours, out), env=reference["env"], capture_output=True, text=True)
+        result = subprocess.run(train_argv(colours, out, *reference["extra"]), env=reference["env"],
+                                capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
         assert f"resuming from {out / 'state.pt'}" in result.stdout
         assert_same_run(reference["run"], out)
-        print(f"\nkill seed {seed} #{k}: {where}: resumed, bit-identical")
+        print(f"\nkill seed {seed} #{k}{' ' + ' '.join(reference['extra']) if reference['extra'] else ''}: {where}: "
+              "resumed, bit-identical")
+        runs.append(out)
+    return runs
 
 
 def test_ctrl_c_saves_and_a_resume_elsewhere_is_bit_identical(colours, reference, tmp_path):
