@@ -36,8 +36,8 @@ from imgcls.data import Prepared
 from imgcls.errors import UserError
 from imgcls.models import create_model
 
-CPU_VAL_IMAGES = 32  # validation images scored on a CPU: enough to time evaluation, few enough for seconds
-TEST_IMAGES = 16  # test images predicted with the TTA views and written as the check's submission
+CPU_VAL_IMAGES = 16  # validation images scored on a CPU: enough to time evaluation, few enough for seconds
+TEST_IMAGES = 8  # test images predicted with the TTA views and written as the check's submission
 
 
 @dataclass
