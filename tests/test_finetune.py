@@ -127,3 +127,15 @@ def test_mean_std_model_without_a_timm_config_says_what_to_do():
     with pytest.raises(imgcls.UserError, match="use mean_std=imagenet"):
         finetune.mean_std(create_model("resnet18s", 10), cfg)
     assert finetune.mean_std(create_model("timm:resnet18", 10), cfg)["mean"] == list(augment.MEAN)
+
+
+def test_check_loads_init_before_decoding_and_estimates_the_subset_run(imagenet_resnet18, tiny_slice):
+    result = imgcls.check(tiny_slice, verbose=False, **{**TIMM, "init": str(imagenet_resnet18), "lr_backbone": 0.1,
+                                                        "freeze_epochs": 1})
+    model = next(s for s in result.stages if s.name == "model")
+    assert "the classifier (fc) is re-initialised: the file's has 1000 classes, this data 100" in model.detail
+    assert result.estimate.steps_per_epoch == 200 // 32  # subset=3: 2 training images of each of 100 classes
+    with pytest.raises(imgcls.UserError, match="does not match the model"):
+        imgcls.check(tiny_slice, verbose=False, **{**TIMM, "model": "timm:resnet34", "init": str(imagenet_resnet18),
+                                                   "image_size": 48})
+    assert len(list(Path(os.environ["IMGCLS_CACHE"]).glob("*.npy"))) == 1  # no 48 px cache: refused before decoding
