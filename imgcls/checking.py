@@ -220,16 +220,18 @@ def device_words(hw: hardware.Hardware) -> str:
     return f"{where}, {precision}"
 
 
-def time_eval(run_dir: Path, mini: Prepared, hw: hardware.Hardware) -> float:
-    """Seconds to score the check's validation images with the run loaded as predict loads it. Timed on
-    its own: on a GPU the epoch's own eval_seconds also waits for the training steps still queued."""
+def time_eval(run_dir: Path, mini: Prepared, hw: hardware.Hardware) -> tuple[float, int]:
+    """(seconds, images): the check's validation images (its test images when nothing is held out)
+    scored by the run loaded as predict loads it. Timed on its own: on a GPU the epoch's own
+    eval_seconds also waits for the training steps still queued."""
     run = inference.load_run(run_dir, hw=hw)
     size, bs = config.eval_size(run.cfg.data), run.cfg.run.eval_batch_size
+    rows = mini.rows["val"] if len(mini.rows["val"]) else mini.rows.get("test", mini.rows["val"])
     if hw.device.type == "cuda":
         torch.cuda.synchronize(hw.device)
     t0 = time.perf_counter()
-    inference.infer(run.model, mini.images, mini.rows["val"], size=size, hw=hw, batch_size=bs)  # ends in .cpu(): synced
-    return time.perf_counter() - t0
+    inference.infer(run.model, mini.images, rows, size=size, hw=hw, batch_size=bs)  # ends in .cpu(): synced
+    return time.perf_counter() - t0, len(rows)
 
 
 def run_check(data: str | Path, cfg: Config, *, out: str | Path | None = None, tta: int = 0,
@@ -272,8 +274,8 @@ def run_check(data: str | Path, cfg: Config, *, out: str | Path | None = None, t
         with stages.stage("resume") as detail:
             resumed = training.fit(second, mini, run_dir, on_epoch=on_epoch, log=log)
             detail.append(f"from {run_dir / 'state.pt'}: epoch {resumed.epochs_done} of 2")
-        eval_seconds = time_eval(run_dir, mini, hw)
         with stages.stage("predict") as detail:
+            eval_seconds, eval_images = time_eval(run_dir, mini, hw)  # the run loaded as predict loads it
             predicted = ensemble.predict_runs([run_dir], data, folder / "submission.csv", hw=hw, tta=tta,
                                               tta_weight=tta_weight, tta_views=tta_views, progress=False,
                                               prepare=lambda run_cfg: mini)
@@ -281,7 +283,7 @@ def run_check(data: str | Path, cfg: Config, *, out: str | Path | None = None, t
         with stages.stage("report") as detail:
             detail.append(str(reporting.write(run_dir).path))
         warm = resumed.metrics[-1]
-        est = estimate(cfg, prep, hw, warm=warm, eval_seconds=eval_seconds, eval_images=len(mini.rows["val"]),
+        est = estimate(cfg, prep, hw, warm=warm, eval_seconds=eval_seconds, eval_images=eval_images,
                        memory=memory, tta=tta)
         return CheckResult(Path(data), kept, stages.done, est, cfg, predicted.rows, len(prep.rows.get("test", [])),
                            time.perf_counter() - t0)
