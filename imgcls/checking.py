@@ -78,7 +78,8 @@ class CheckResult:
 
 
 class Stages:
-    """Times each stage; its name goes into nothing but the result (errors pass through unchanged)."""
+    """Times each stage and logs it when it passes; an error inside passes through unchanged, so the user
+    sees the message the real run would stop with."""
 
     def __init__(self, log: Callable[[str], None]):
         self.done: list[Stage] = []
