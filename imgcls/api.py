@@ -128,7 +128,7 @@ def train(data: str | Path, out: str | Path, *, config: str | Path | None = None
     A second call with the same `out` resumes it from its state.pt (resume=RUN: from another run).
     Under torchrun every process calls this; rank 0 writes the run. `_job`: a child of a seeds= run."""
     started = time.time()  # time_limit= counts from here: decoding the cache is part of the session
-    from imgcls import config as configs, data as datalib, distributed, repeats, training
+    from imgcls import config as configs, data as datalib, distributed, finetune, hardware, repeats, training
 
     log = _logger(verbose)
     cfg = resolve_config(data, config, overrides)
@@ -153,10 +153,14 @@ def train(data: str | Path, out: str | Path, *, config: str | Path | None = None
         prep = datalib.prepare(data, cfg, progress=cfg.run.progress and ranks.is_main)
     log(prep.dataset.describe())
     log(f"cache: {prep.cache_path} ({'built' if prep.cache_built else 'reused'} in {time.time() - t_cache:.1f}s)")
+    if prep.before_subset:
+        log(datalib.subset_line(prep, cfg))
     if prep.skipped:
         log(f"skipped {len(prep.skipped)} unreadable training image(s):")
         for path, why in prep.skipped.items():
             log(f"  {path}: {why}")
+    if cfg.model.init and prep.dataset.layout == "food-11":
+        log(f"warning: init={cfg.model.init}: {finetune.RULES}.")
     try:
         result = training.fit(cfg, prep, out, on_epoch=_epoch_logger(log), log=log, started=started, ranks=ranks)
         ranks.barrier()  # rank 0 alone writes logits and submission after the last epoch: tear down together
@@ -165,6 +169,24 @@ def train(data: str | Path, out: str | Path, *, config: str | Path | None = None
     if result.stopped != "interrupted" and ranks.is_main:
         result.report, result.report_error = _auto_report(result.run_dir)
     return result
+
+
+# --- check ----------------------------------------------------------------------------------------
+
+def check(data: str | Path, *, config: str | Path | None = None, out: str | Path | None = None, tta: int = 0,
+          tta_weight: float = 0.5, tta_views: str = "fixed", steps: int = 1, verbose: bool = True, **overrides):
+    """Every stage of a real run with these settings (train's keys) on a few of data's images, in seconds:
+    layout, model, training steps at the real batch size, evaluation, checkpoint and resume, test
+    inference with the TTA predict would use (`tta`, `tta_weight`, `tta_views`), the submission, the
+    report. Returns a checking.CheckResult with each stage's time and what the real run would cost here.
+    A UserError is what the real run would stop with. `out`: keep what it wrote there (else a
+    temporary folder, deleted); `steps`: training steps per check epoch (two epochs)."""
+    from imgcls import checking
+
+    log = _logger(verbose)
+    cfg = resolve_config(data, config, overrides)
+    return checking.run_check(data, cfg, out=out, tta=tta, tta_weight=tta_weight, tta_views=tta_views, steps=steps,
+                            log=log, on_epoch=_epoch_logger(log))
 
 
 # --- cv ------------------------------------------------------------------------------------------

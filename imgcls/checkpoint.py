@@ -68,7 +68,11 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None =
     _atomic(Path(path), safetensors.torch.save(tensors, metadata=metadata or {}))
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
+def load_weights(model: nn.Module, path: Path, *, new_head: list[str] = ()) -> list[str]:
+    """Load a safetensors file into `model`; any tensor missing, unexpected or of another shape is refused.
+    `new_head`: the classifier's keys (finetune.load_init), which may differ in shape (a file made for 1000
+    classes) or be absent: then the whole classifier keeps the model's own initialisation. Returns the keys
+    kept so."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Weights file {path} does not exist.")
@@ -80,9 +84,15 @@ def load_weights(model: nn.Module, path: Path) -> None:
     except Exception as e:  # safetensors raises its own error types for a malformed header
         raise UserError(f"{path} is not a valid safetensors file: {e}") from None
     target = unwrap(model)
-    missing, unexpected = [], []
     own = target.state_dict()
+    fresh = [k for k in new_head if k in own and (k not in tensors or tensors[k].shape != own[k].shape)]
+    if fresh:  # a classifier of another class count (or none, a backbone's file): all of it stays as initialised
+        fresh = [k for k in new_head if k in own]
+        tensors = {k: v for k, v in tensors.items() if k not in new_head}
+    missing = []
     for k in own:
+        if k in fresh:
+            continue
         if k not in tensors:
             missing.append(k)
         elif tensors[k].shape != own[k].shape:
@@ -92,7 +102,16 @@ def load_weights(model: nn.Module, path: Path) -> None:
     if missing or unexpected:
         raise UserError(f"{path} does not match the model: {len(missing)} missing tensor(s) "
                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}).")
-    target.load_state_dict(tensors)
+    target.load_state_dict(tensors, strict=not fresh)
+    return fresh
+
+
+def tensor_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape, from a safetensors file's header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 def save_state(state: dict, path: Path) -> None:

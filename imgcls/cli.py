@@ -126,6 +126,41 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def duration(seconds: float) -> str:
+    """12 s, 15m 20s, 7h 41m."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m {int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h {int(seconds % 3600 // 60):02d}m"
+
+
+@command
+def cmd_check(args) -> int:
+    from imgcls import api
+
+    result = api.check(args.data, config=args.config, out=args.out, tta=args.tta, tta_views=args.tta_views,
+                       steps=args.steps, **({} if args.tta_weight is None else {"tta_weight": args.tta_weight}),
+                       **overrides(args))
+    print(f"check: every stage ran in {result.seconds:.1f}s:")
+    for st in result.stages:
+        print(f"  {st.name:<9}{st.seconds:6.1f}s  {st.detail}")
+    e = result.estimate
+    print(f"estimate for the real run on this machine ({e.device}), from a warm step:")
+    print(f"  training {e.images_per_second:.0f} images/s at batch_size={e.batch_size}, {e.image_size} px; "
+          f"evaluation {e.eval_images_per_second:.0f} images/s")
+    print(f"  epoch ~{duration(e.epoch_seconds)} ({e.steps_per_epoch} steps + validation)")
+    if e.run_seconds is not None:
+        print(f"  whole run ~{duration(e.run_seconds)} ({e.epochs} epochs and the final predictions)")
+    print(f"  peak memory {e.peak_memory / 1e9:.2f} GB at batch_size={e.batch_size} ({e.memory_source})")
+    for note in e.notes:
+        print(f"  note: {note}")
+    print(f"submission: {result.submission_rows} rows checked (the real run writes all {result.test_images})")
+    if result.out:
+        print(f"kept: {result.out} (run/ with its report.html, submission.csv)")
+    return 0
+
+
 @command
 def cmd_cv(args) -> int:
     from imgcls import api
@@ -240,6 +275,15 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     sp.add_argument("data")
     sp.add_argument("--out", required=True, help="run directory")
     sp.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)  # a child process of seeds=
+    overrides(sp)
+    sp = sub.add_parser("check", help="every stage of a run with these settings on a few images, in seconds, and "
+                        "what the real run would cost on this machine")
+    sp.add_argument("data")
+    sp.add_argument("--out", default=None, help="keep what the check wrote here (default: a temporary folder)")
+    sp.add_argument("--steps", type=int, default=1, metavar="N", help="training steps per check epoch (default 1)")
+    sp.add_argument("--tta", type=int, default=0, metavar="N", help="the --tta you will give imgcls predict")
+    sp.add_argument("--tta-weight", type=float, default=None, metavar="W", help="the --tta-weight of imgcls predict")
+    sp.add_argument("--tta-views", default="fixed", choices=["fixed", "aug"], help="the --tta-views of imgcls predict")
     overrides(sp)
     sp = sub.add_parser("predict", help="write a submission from one or more trained runs")
     sp.add_argument("runs", nargs="+", metavar="RUN")

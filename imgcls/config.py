@@ -30,6 +30,8 @@ class DataConfig:
     resize: str = "squash"  # how a photo becomes square in the cache: squash | center_crop
     val_fraction: float = 0.0  # >0: re-split train:val with this held-out fraction (stratified)
     holdout: str = "val"  # val | none: none trains on every labelled image (train + val), keeping the last weights
+    subset: float = 0.0  # 0 = all; a fraction in (0, 1) of each class, or an integer N >= 1 = N images per class,
+    #                      of train and of val each (stratified, seeded); the test split stays whole
     strict: bool = False  # true: an unreadable training image is an error instead of a skip
     cache_dir: str = ""  # "" = $IMGCLS_CACHE or ~/.cache/imgcls
     decode_workers: int = 0  # processes decoding the cache; 0 = all cores
@@ -76,6 +78,7 @@ class ModelConfig:
     dropout: float = 0.0  # before the classifier
     init: str = ""  # path to initial weights (.safetensors); recorded with its sha256
     pretrained: str = "off"  # off | forbid (forbid also refuses init=)
+    mean_std: str = "auto"  # input normalization: imagenet | model (a timm model's pretrained_cfg) | auto (model with init=)
 
 
 @dataclass
@@ -94,6 +97,8 @@ class OptimConfig:
     accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     ema: float = 0.0  # EMA decay per optimizer step (e.g. 0.999); 0 = off; auto = averaging the last 10% of the steps
+    lr_backbone: float = 1.0  # fine-tuning: lr of every parameter but the classifier's, as a multiple of lr
+    freeze_epochs: int = 0  # fine-tuning: train the classifier alone for the first N epochs
 
 
 @dataclass
@@ -227,6 +232,7 @@ CHOICES = {
     "policy": ("none", "randaugment", "trivialaugment"),
     "mix_mode": ("batch", "sample"),
     "pretrained": ("off", "forbid"),
+    "mean_std": ("auto", "imagenet", "model"),
     "optimizer": ("sgd", "adamw", "lamb", "ranger", "lion", "muon"),
     "schedule": ("cosine", "flat_cos", "linear", "onecycle"),
     "aug": ("custom", "auto", "light", "medium", "strong"),
@@ -323,6 +329,11 @@ def validate(cfg: Config) -> None:
         (cfg.run.batch_size >= 1, f"batch_size must be at least 1, got {cfg.run.batch_size}."),
         (cfg.optim.lr > 0, f"lr must be positive, got {cfg.optim.lr}."),
         (0 <= cfg.data.val_fraction < 1, f"val_fraction must be in [0, 1), got {cfg.data.val_fraction}."),
+        (cfg.data.subset >= 0 and (cfg.data.subset < 1 or float(cfg.data.subset).is_integer()),
+         f"subset is a fraction in (0, 1) of each class or a whole number of images per class, got "
+         f"{cfg.data.subset}; e.g. subset=0.1 or subset=20 (0 = every image)."),
+        (cfg.optim.lr_backbone >= 0, f"lr_backbone is a multiple of lr (0 freezes the backbone), got {cfg.optim.lr_backbone}."),
+        (cfg.optim.freeze_epochs >= 0, f"freeze_epochs must be 0 or more, got {cfg.optim.freeze_epochs}."),
         (cfg.optim.accum_steps >= 1, f"accum_steps must be at least 1, got {cfg.optim.accum_steps}."),
         (cfg.optim.ema == "auto" or 0 <= cfg.optim.ema < 1, f"ema is a decay in [0, 1) or auto, got {cfg.optim.ema}."),
         (0 <= cfg.optim.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {cfg.optim.label_smoothing}."),

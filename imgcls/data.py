@@ -21,6 +21,7 @@ class Prepared:
     fingerprint: str = ""
     cache_path: str = ""
     cache_built: bool = False
+    before_subset: dict[str, int] = field(default_factory=dict)  # subset=: labelled split -> images before it
 
     @property
     def classes(self) -> list[str]:
@@ -73,9 +74,11 @@ def prepare(root, cfg: Config, *, progress: bool = True) -> Prepared:
     keep[list(built.failed)] = False
     rows = {name: np.flatnonzero((split_of == name) & keep) for name in ds.splits}
     labels = np.array([-1 if s.label is None else s.label for s in samples], dtype=np.int64)
+    before = {name: len(r) for name, r in rows.items() if name != "test"}
+    rows = subset_rows(rows, labels, cfg.data.subset, seed=cfg.run.seed)  # before any re-split: both get a share
     prepared = Prepared(ds, built.images, labels, [s.id for s in samples], rows, skipped=skipped,
                         fingerprint=built.path.stem.rsplit("-", 1)[-1], cache_path=str(built.path),
-                        cache_built=built.built)
+                        cache_built=built.built, before_subset=before if cfg.data.subset else {})
     if cfg.data.holdout == "none":  # a final fit on every labelled image: nothing is held out
         labelled = np.concatenate([rows["train"], rows.get("val", np.empty(0, np.int64))])
         prepared.rows["train"], prepared.rows["val"] = np.sort(labelled), np.empty(0, np.int64)
@@ -88,7 +91,46 @@ def prepare(root, cfg: Config, *, progress: bool = True) -> Prepared:
         # No validation split: hold out a stratified 10% of train so every run reports val_acc.
         train, val = stratified_split(labels[rows["train"]], 0.1, seed=cfg.run.seed)
         prepared.rows["train"], prepared.rows["val"] = rows["train"][train], rows["train"][val]
+    if cfg.data.subset and (len(prepared.rows["val"]) == 0 or len(prepared.rows["train"]) == 0):
+        raise UserError(f"subset={cfg.data.subset:g} leaves {len(prepared.rows['train'])} training and "
+                        f"{len(prepared.rows['val'])} validation images: keep at least 2 images of each class "
+                        "(e.g. subset=0.1 or subset=10).")
     return prepared
+
+
+def subset_rows(rows: dict[str, np.ndarray], labels: np.ndarray, subset: float, *, seed: int) -> dict[str, np.ndarray]:
+    """subset=: of every labelled split, a seeded share of each class (subset in (0, 1); at least one image
+    of a class that has any) or `subset` images of each class (subset >= 1; all of a smaller class).
+    The test split is kept whole, so the submission still has every row. subset=0: `rows` as they are."""
+    if not subset:
+        return rows
+    rng = np.random.default_rng([seed, 18])  # a stream apart from stratified_split's, which draws from seed alone
+    out = {}
+    for name, split in rows.items():
+        if name == "test":
+            out[name] = split
+            continue
+        kept = []
+        for c in np.unique(labels[split]):
+            of_class = rng.permutation(split[labels[split] == c])
+            n = int(subset) if subset >= 1 else max(1, int(round(len(of_class) * subset)))
+            kept.append(of_class[:n])
+        out[name] = np.sort(np.concatenate(kept)) if kept else split
+    return out
+
+
+def subset_line(prep: Prepared, cfg: Config) -> str:
+    """What subset= kept, e.g. "subset=0.1: 5000 of 50000 labelled images (train 4500, val 500), test whole (5000)"."""
+    labelled = {k: len(v) for k, v in prep.rows.items() if k != "test"}
+    splits = ", ".join(f"{k} {n}" for k, n in labelled.items())
+    test = len(prep.rows.get("test", []))
+    return (f"subset={cfg.data.subset:g}: {sum(labelled.values())} of {sum(prep.before_subset.values())} labelled "
+            f"images ({splits}){f', test whole ({test})' if test else ''}")
+
+
+def per_class(rows: np.ndarray, labels: np.ndarray, num_classes: int) -> list[int]:
+    """Images of each class among `rows`, in class order."""
+    return np.bincount(labels[rows], minlength=num_classes).tolist()
 
 
 def stratified_split(labels: np.ndarray, fraction: float, *, seed: int) -> tuple[np.ndarray, np.ndarray]:

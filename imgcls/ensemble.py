@@ -260,11 +260,15 @@ def parse_weights(weights: str | list[float] | None, n: int) -> list[float] | st
 
 def predict_runs(runs: list[str | Path], data_root: str | Path, out: str | Path, *, hw: Hardware, tta: int = 0,
                  tta_weight: float = TTA_WEIGHT, tta_views: str = "fixed", method: str = "mean",
-                 weights: str | list[float] | None = None, progress: bool = True) -> PredictResult:
+                 weights: str | list[float] | None = None, progress: bool = True, prepare=None) -> PredictResult:
     """Every member's test probabilities (with TTA), combined, written as the submission; and each
-    member's and the ensemble's accuracy on the labelled images none of them trained on."""
+    member's and the ensemble's accuracy on the labelled images none of them trained on.
+    `prepare(cfg) -> Prepared`: the data for a run's settings (default data.prepare(data_root, cfg);
+    `imgcls check` passes its few images)."""
     from imgcls import data, submission
+    from imgcls.inference import check_tta
 
+    check_tta(tta, tta_weight, tta_views)  # before any image is decoded
     members = [member(r) for r in runs]
     weights = parse_weights(weights, len(members))
     preps = []  # (data settings, Prepared): runs trained at other image sizes need their own cache
@@ -273,7 +277,7 @@ def predict_runs(runs: list[str | Path], data_root: str | Path, out: str | Path,
         for data_cfg, prep in preps:
             if data_cfg == cfg.data:
                 return prep
-        preps.append((cfg.data, data.prepare(data_root, cfg, progress=progress)))
+        preps.append((cfg.data, prepare(cfg) if prepare else data.prepare(data_root, cfg, progress=progress)))
         return preps[-1][1]
 
     tta_kw = dict(tta=tta, tta_weight=tta_weight, tta_views=tta_views, hw=hw)

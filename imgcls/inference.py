@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from imgcls import augment, checkpoint, config
+from imgcls import augment, checkpoint, config, finetune
 from imgcls.errors import UserError
 from imgcls.hardware import Hardware
 from imgcls.models import create_model
@@ -69,6 +69,7 @@ def load_run(run_dir: str | Path, *, weights: str = "best", hw: Hardware) -> Loa
     classes = manifest["classes"]
     model = create_model(cfg.model.model, len(classes), width=cfg.model.width, dropout=cfg.model.dropout)
     checkpoint.load_weights(model, run_dir / f"{weights}.safetensors")
+    finetune.renormalize(model, manifest.get("mean_std"))  # the input normalization the run trained with
     model.to(hw.device, memory_format=hw.memory_format).eval()
     return LoadedRun(run_dir, cfg, classes, model)
 
@@ -105,9 +106,7 @@ def fixed_view(images_u8: torch.Tensor, *, size: int, crop: str, flip: bool) -> 
 
 
 def fixed_views(n: int, *, size: int, aug, seed: int, device: torch.device) -> list:
-    if n > len(FIXED_VIEWS):
-        raise UserError(f"--tta {n} asks for more than the {len(FIXED_VIEWS)} fixed views (flip, and 5 crops each "
-                        f"plain and flipped); use --tta {len(FIXED_VIEWS)} or fewer, or --tta-views aug.")
+    check_tta(n, TTA_WEIGHT, "fixed")
     return [partial(fixed_view, size=size, crop=crop, flip=flip) for crop, flip in FIXED_VIEWS[:n]]
 
 
@@ -128,14 +127,22 @@ def aug_views(n: int, *, size: int, aug, seed: int, device: torch.device) -> lis
 TTA_VIEWS = {"fixed": fixed_views, "aug": aug_views}
 
 
-def tta_probs(model: nn.Module, images, rows: np.ndarray, *, size: int, hw: Hardware, n: int = 0,
-              weight: float = TTA_WEIGHT, views: str = "fixed", aug=None, seed: int = 0,
-              batch_size: int = 512) -> torch.Tensor:
-    """Probabilities [len(rows), C]: weight * p(plain view) + (1 - weight) * mean over n views; n=0 is plain."""
+def check_tta(n: int, weight: float, views: str) -> None:
+    """Refuse TTA settings that cannot work, before any image is read (predict and check call it first)."""
     if not 0 <= weight <= 1:
         raise UserError(f"--tta-weight is the plain view's weight in [0, 1], got {weight}.")
     if views not in TTA_VIEWS:
         raise UserError(f"--tta-views {views} is not one of {', '.join(TTA_VIEWS)}.")
+    if views == "fixed" and n > len(FIXED_VIEWS):
+        raise UserError(f"--tta {n} asks for more than the {len(FIXED_VIEWS)} fixed views (flip, and 5 crops each "
+                        f"plain and flipped); use --tta {len(FIXED_VIEWS)} or fewer, or --tta-views aug.")
+
+
+def tta_probs(model: nn.Module, images, rows: np.ndarray, *, size: int, hw: Hardware, n: int = 0,
+              weight: float = TTA_WEIGHT, views: str = "fixed", aug=None, seed: int = 0,
+              batch_size: int = 512) -> torch.Tensor:
+    """Probabilities [len(rows), C]: weight * p(plain view) + (1 - weight) * mean over n views; n=0 is plain."""
+    check_tta(n, weight, views)
     probs = infer(model, images, rows, size=size, hw=hw, batch_size=batch_size).softmax(1)
     if n <= 0:
         return probs

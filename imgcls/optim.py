@@ -73,7 +73,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if name == "sgd" and not cfg.nesterov:
         name = "momentum"  # timm: sgd = Nesterov momentum, momentum = plain momentum
     kwargs = {"momentum": cfg.momentum} if name in ("sgd", "momentum") else {}
-    return timm.optim.create_optimizer_v2(param_groups(model, cfg.weight_decay), opt=name, lr=cfg.lr,
+    if cfg.lr_backbone != 1 or cfg.freeze_epochs:  # head and backbone apart (only then: old state.pt files keep 2 groups)
+        from imgcls import finetune
+
+        groups = finetune.param_groups(model, cfg.weight_decay, cfg.lr_backbone)
+    else:
+        groups = param_groups(model, cfg.weight_decay)
+    return timm.optim.create_optimizer_v2(groups, opt=name, lr=cfg.lr,
                                           weight_decay=cfg.weight_decay, **kwargs)
 
 

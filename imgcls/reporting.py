@@ -191,9 +191,30 @@ def key_figures(source: Source, cfg: config.Config | None) -> list[tuple[str, st
         data = m.get("data", {})
         rows.append(("data", f"{data.get('root', '?')} ({data.get('layout', '?')}, {len(m.get('classes', []))} "
                      f"classes, fingerprint {data.get('fingerprint', '?')})"))
+        for alarm in alarms(m):
+            rows.append(("subset" if alarm.startswith("SUBSET") else "pretrained", alarm))
         rows.append(("versions", f"imgcls {m.get('imgcls', '?')}, torch {m.get('torch', '?')}, python "
                      f"{m.get('python', '?')} on {m.get('device', '?')}"))
     return rows
+
+
+def alarms(manifest: dict) -> list[str]:
+    """What must not be missed about a run: a subset of the data, pretrained weights (issue 18)."""
+    found = []
+    subset = manifest.get("subset")
+    if subset:
+        kept = {k: sum(v) for k, v in subset.get("per_class", {}).items()}
+        found.append(f"SUBSET RUN (subset={subset.get('setting')}): trained and validated on "
+                     f"{', '.join(f'{n} {k}' for k, n in kept.items())} images of "
+                     f"{sum(subset.get('images_before', {}).values())} labelled ones; not a run on the full data. "
+                     "The test split was whole.")
+    pretrained = manifest.get("pretrained")
+    if pretrained:
+        fresh = pretrained.get("reinitialised")
+        found.append(f"PRETRAINED WEIGHTS: initialised from {pretrained.get('path')} (sha256 "
+                     f"{str(pretrained.get('sha256', '?'))[:16]}...){'; classifier re-initialised: ' + ', '.join(fresh) if fresh else ''}. "
+                     "food-11 (NTU ML2022 HW3) rules forbid pretrained weights; CSE 144 allows them.")
+    return found
 
 
 def _config(source: Source) -> config.Config | None:
@@ -520,6 +541,7 @@ th{background:#f4f4f4} tfoot td{font-weight:600;background:#fafafa} .figures td:
 pre{background:#f7f7f7;border:1px solid #e4e4e4;padding:8px;font-size:12px;white-space:pre-wrap;overflow-wrap:anywhere}
 pre.cols{column-count:3;column-gap:28px}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:6px 10px;margin:8px 0}
+.alarm{background:#fdecea;border-left:6px solid #c62828;padding:8px 12px;margin:8px 0;font-weight:600}
 """
 
 
@@ -534,6 +556,7 @@ def render_html(source: Source, cfg: config.Config | None, pngs: dict[str, bytes
              f"<h1>imgcls report: {e(source.path.name)}</h1>",
              f"<p class=sub>{what} in {e(str(source.path.resolve()))}, written "
              f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>"]
+    parts += [f'<p class="alarm">{e(a)}</p>' for a in alarms(source.manifest)]  # above every figure
     parts.append('<table class="figures">' + "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>"
                                                      for k, v in key_figures(source, cfg)) + "</table>")
     parts += [f'<p class="note">{e(n)}</p>' for n in source.notes]

@@ -18,16 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from imgcls import (
-    augment,
-    checkpoint,
-    config,
-    distributed,
-    hardware,
-    inference,
-    optim,
-    recipes,
-)
+from imgcls import augment, checkpoint, config, distributed, finetune, hardware, inference, optim, recipes
 from imgcls.config import Config
 from imgcls.data import Prepared
 from imgcls.errors import UserError
@@ -144,8 +135,12 @@ class Trainer:
         self.peak = optim.peak_lr(cfg.optim, self.batch_size)
 
         self.model = create_model(cfg.model.model, self.num_classes, width=cfg.model.width, dropout=cfg.model.dropout)
-        if cfg.model.init:
-            checkpoint.load_weights(self.model, cfg.model.init)
+        self.pretrained = finetune.load_init(self.model, cfg.model.init) if cfg.model.init else None  # the manifest's record
+        self.mean_std = finetune.mean_std(self.model, cfg)  # None: ImageNet's, as every view normalizes
+        finetune.renormalize(self.model, self.mean_std)
+        if cfg.optim.freeze_epochs and ranks.active:
+            raise UserError("freeze_epochs= trains the classifier alone, which DistributedDataParallel cannot follow "
+                            "(it expects a gradient for every parameter): train on one process, or set freeze_epochs=0.")
         self.model.to(hw.device, memory_format=hw.memory_format)
         self.ddp = distributed.wrap(self.model, ranks, hw.device, sync_bn=cfg.run.sync_bn)  # the model itself on one process
         self.model = checkpoint.unwrap(self.ddp)  # the plain module (SyncBatchNorm layers under sync_bn=true)
@@ -207,6 +202,8 @@ class Trainer:
         """The rest of this epoch's global batches, from `step` on, as this rank's slice of cache rows.
         Every rank draws the same order."""
         self.model.train()  # evaluation left it in eval mode
+        if self.cfg.optim.freeze_epochs:
+            finetune.set_frozen(self.model, self.epoch < self.cfg.optim.freeze_epochs)
         self.epoch_gen_state = self.data_gen.get_state()
         perm = torch.randperm(len(self.train_rows), generator=self.data_gen)
         b = self.batch_size
@@ -267,7 +264,7 @@ class Trainer:
     def set_lr(self, lr: float) -> None:
         self.lr = lr
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_backbone= (finetune.param_groups)
 
     def check_finite(self) -> float:
         """Mean training loss so far this epoch; NaN/inf raises, so it never reaches a checkpoint. Under

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 
 import imgcls
-from imgcls import (checkpoint, config, distributed, ensemble, hardware, inference, optim, planning, submission,
-                    tblog, tmpfiles)
+from imgcls import (checkpoint, config, data, distributed, ensemble, finetune, hardware, inference, optim, planning,
+                    submission, tblog, tmpfiles)
 from imgcls.config import Config
 from imgcls.data import Prepared
 from imgcls.errors import UserError
@@ -58,8 +58,12 @@ def epoch_line(m: dict) -> str:
             f"(data {m['data_seconds']:.1f}s, model {m['model_seconds']:.1f}s)")
 
 
-def manifest(cfg: Config, prep: Prepared, rows: dict[str, np.ndarray], hw: hardware.Hardware) -> dict:
+def manifest(cfg: Config, prep: Prepared, rows: dict[str, np.ndarray], hw: hardware.Hardware, *,
+             pretrained: dict | None = None, mean_std: dict | None = None) -> dict:
+    """`pretrained`: what init= loaded (finetune.load_init); `mean_std`: the input normalization when not ImageNet's."""
     init = cfg.model.init
+    if init and not pretrained:
+        pretrained = {"path": str(Path(init).resolve()), "sha256": checkpoint.sha256(Path(init))}
     return {
         "imgcls": imgcls.__version__, "torch": torch.__version__, "python": platform.python_version(),
         "device": torch.cuda.get_device_name(hw.device) if hw.device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
@@ -69,9 +73,18 @@ def manifest(cfg: Config, prep: Prepared, rows: dict[str, np.ndarray], hw: hardw
                  "skipped": len(prep.skipped), "skipped_files": prep.skipped},
         "holdout": cfg.data.holdout,  # none: train = train + validation, no validation score, last weights kept
         "classes": prep.classes,
-        "pretrained": {"path": str(Path(init).resolve()), "sha256": checkpoint.sha256(Path(init))} if init else False,
+        **({"subset": subset_record(cfg, prep, rows)} if cfg.data.subset else {}),
+        "pretrained": pretrained or False,
+        **({"mean_std": mean_std} if mean_std else {}),
         "external_data": False,  # only files under data.root were read
     }
+
+
+def subset_record(cfg: Config, prep: Prepared, rows: dict[str, np.ndarray]) -> dict:
+    """subset=: what a subset run trained and validated on, so it is never mistaken for a full one."""
+    return {"setting": cfg.data.subset, "images_before": prep.before_subset,
+            "per_class": {k: data.per_class(v, prep.labels, len(prep.classes)) for k, v in rows.items() if k != "test"},
+            "note": "trained and validated on a subset of the labelled images (subset=); the test split is whole"}
 
 
 # --- stop rules ----------------------------------------------------------------------------------
@@ -198,12 +211,15 @@ class RunFiles:
         self.out, self.ranks, self.metrics = out, ranks, []
         self.main = ranks.is_main
 
-    def start(self, cfg: Config, prep: Prepared, rows: dict[str, np.ndarray], hw: hardware.Hardware) -> None:
+    def start(self, cfg: Config, prep: Prepared, rows: dict[str, np.ndarray], hw: hardware.Hardware, *,
+              trainer: Trainer | None = None) -> None:
         if self.main:
             tmpfiles.remove_stale(self.out)  # half-written checkpoints of a killed run
             processes = {"processes": self.ranks.world} if self.ranks.active else {}
+            loaded = {"pretrained": trainer.pretrained, "mean_std": trainer.mean_std} if trainer else {}
             checkpoint.write_text(self.out / "config.yaml", config.to_yaml(cfg))
-            checkpoint.write_text(self.out / "manifest.json", json.dumps({**manifest(cfg, prep, rows, hw), **processes}, indent=2))
+            checkpoint.write_text(self.out / "manifest.json",
+                                  json.dumps({**manifest(cfg, prep, rows, hw, **loaded), **processes}, indent=2))
             checkpoint.write_text(self.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics))
 
     def save_state(self, trainer: Trainer) -> None:
@@ -344,7 +360,7 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
         started: float | None = None, ranks: distributed.Ranks | None = None) -> TrainResult:
     """Train into `out`, continuing from its state.pt (or resume=RUN's) when there is one.
     `on_epoch(metrics row)` after each epoch, `log(line)` for what else is worth saying (the plan, a
-    smaller batch). `started`: wall time (time.time()) that time_limit= counts from; default now.
+    smaller batch, what init= loaded). `started`: wall time (time.time()) that time_limit= counts from; default now.
     `ranks`: this process's place in a torchrun data-parallel run (distributed.init); default one process."""
     t0 = time.time()
     cfg = copy.deepcopy(cfg)  # the plan and a smaller batch are this run's own, not its caller's
@@ -353,6 +369,8 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
     hw = hardware.resolve(cfg.run)
     fit_batch(cfg, len(rows["train"]), ranks, log)
     trainer = Trainer(cfg, prep, rows, hw, ranks)
+    if trainer.pretrained and ranks.is_main:
+        log(finetune.init_line(trainer.pretrained, trainer.num_classes))
     files = RunFiles(out, ranks)
     source = resume_source(cfg, out)
     saved_plan = source / "plan.json" if source and (source / "plan.json").is_file() else None
@@ -360,7 +378,7 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
         trainer.set_epochs(json.loads(saved_plan.read_text())["epochs"])
     if source:
         resume(trainer, files, source)
-    files.start(cfg, prep, rows, hw)
+    files.start(cfg, prep, rows, hw, trainer=trainer)
     if saved_plan:
         files.save_plan(cfg, None if source == out else saved_plan.read_text())
     board = tblog.TensorBoard(out) if cfg.run.tensorboard and ranks.is_main else None

@@ -356,5 +356,7 @@ def test_manifest_records_initial_weights_and_their_sha256(food11_tiny, tmp_path
     assert cli.main(["train", str(food11_tiny), "--out", str(tmp_path / "second"), *FAST, "epochs=1",
                      f"init={weights}"]) == 0
     manifest = json.loads((tmp_path / "second" / "manifest.json").read_text())
-    assert manifest["pretrained"] == {"path": str(weights.resolve()),
-                                      "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    pretrained = manifest["pretrained"]
+    assert {k: pretrained[k] for k in ("path", "sha256")} == {"path": str(weights.resolve()),
+                                                            "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert pretrained["reinitialised"] == [] and pretrained["head"] == ["head.3"]  # same classes: all of it loaded
