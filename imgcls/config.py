@@ -27,7 +27,7 @@ class DataConfig:
     eval_size: int = 0  # px the model is scored and predicts at; 0 = image_size (FixRes: larger than image_size)
     prog_scale: float = 1.0  # progressive resizing: the first epochs train at this fraction of image_size; 1 = off
     prog_end: float = 0.75  # ... growing to image_size by this fraction of the run, full size after it
-    resize: str = "squash"  # how a photo becomes square in the cache: squash | center_crop
+    resize: str = "center_crop"  # how a photo becomes square in the cache: center_crop (short side, centre) | squash
     val_fraction: float = 0.0  # >0: re-split train:val with this held-out fraction (stratified)
     holdout: str = "val"  # val | none: none trains on every labelled image (train + val), keeping the last weights
     subset: float = 0.0  # 0 = all; a fraction in (0, 1) of each class, or an integer N >= 1 = N images per class,
@@ -49,7 +49,7 @@ def cache_size(data: DataConfig) -> int:
 
 @dataclass
 class AugConfig:
-    aug: str = "custom"  # preset: custom (the keys below as set) | light | medium | strong | auto (by epochs)
+    aug: str = "auto"  # preset: auto (by epochs: recipes.aug_for) | light | medium | strong | custom (the keys below as set)
     crop_scale: tuple[float, float] = (0.35, 1.0)  # random-resized-crop area fraction
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
     hflip: float = 0.5  # probability of a horizontal flip
@@ -73,7 +73,7 @@ class AugConfig:
 
 @dataclass
 class ModelConfig:
-    model: str = "resnet18s"  # a registered name (`imgcls models`), timm:<name>, or auto (by image_size)
+    model: str = "auto"  # a registered name (`imgcls models`), timm:<name>, or auto (by image_size: recipes.model_for)
     width: int = 0  # channels of the first stage of a built-in model; 0 = the model's default
     dropout: float = 0.0  # before the classifier
     init: str = ""  # path to initial weights (.safetensors); recorded with its sha256
@@ -83,12 +83,12 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "sgd"  # sgd | adamw | lamb | ranger (Lookahead + RAdam) | lion | muon
+    optimizer: str = "lamb"  # lamb | sgd (Nesterov) | adamw | ranger (Lookahead + RAdam): recipes.OPTIMIZERS
     lr: float = 0.0  # peak learning rate per 512 images of global batch (scaled linearly); 0 = the optimizer's default
-    weight_decay: float = 5e-4  # unset: the optimizer's default (recipes.OPTIMIZERS)
+    weight_decay: float = 0.02  # unset: the optimizer's default (recipes.OPTIMIZERS)
     momentum: float = 0.9
     nesterov: bool = True
-    schedule: str = "cosine"  # cosine | flat_cos | linear | onecycle, after warmup_epochs of linear warmup
+    schedule: str = "flat_cos"  # flat_cos | cosine | linear | onecycle, after warmup_epochs of linear warmup
     warmup_epochs: float = 1.0
     decay_start: float = 0.72  # flat_cos: the fraction of the run at the peak before the cosine decay starts
     min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of the peak
@@ -96,7 +96,7 @@ class OptimConfig:
     focal_gamma: float = 0.0  # >0: focal loss (works with soft targets)
     accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step
     grad_clip: float = 0.0  # max global grad norm; 0 = off
-    ema: float = 0.0  # EMA decay per optimizer step (e.g. 0.999); 0 = off; auto = averaging the last 10% of the steps
+    ema: float = "auto"  # EMA decay per optimizer step (e.g. 0.999); 0 = off; auto = averaging the last 10% of the steps
     lr_backbone: float = 1.0  # fine-tuning: lr of every parameter but the classifier's, as a multiple of lr
     freeze_epochs: int = 0  # fine-tuning: train the classifier alone for the first N epochs
 
@@ -104,7 +104,7 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     epochs: int = 10  # or auto: as many as fit in time_limit= (planned after a short calibration)
-    batch_size: int = 256  # global batch, independent of the number of ranks
+    batch_size: int = 32  # global batch, independent of the number of ranks (small: more steps on small data)
     eval_batch_size: int = 512
     seed: int = 0
     seeds: tuple[int, ...] = ()  # repeats: train once per seed and summarize
@@ -233,7 +233,7 @@ CHOICES = {
     "mix_mode": ("batch", "sample"),
     "pretrained": ("off", "forbid"),
     "mean_std": ("auto", "imagenet", "model"),
-    "optimizer": ("sgd", "adamw", "lamb", "ranger", "lion", "muon"),
+    "optimizer": ("lamb", "sgd", "adamw", "ranger"),
     "schedule": ("cosine", "flat_cos", "linear", "onecycle"),
     "aug": ("custom", "auto", "light", "medium", "strong"),
     "device": ("auto", "cpu", "cuda"),

@@ -3,6 +3,7 @@ resizing, presets that never override what the user set, and `imgcls models`."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,3 +104,16 @@ def test_models_lists_parameters_flops_and_measured_speed(capsys):
         params, gflops, speed = line.split()[1:4]
         assert params.endswith("M") and float(gflops) > 0 and float(speed) > 0
     assert "model=auto" in out
+
+
+@pytest.mark.parametrize("preset", [None, "configs/food11.yaml", "configs/tiny-imagenet.yaml"])
+def test_no_flags_and_the_shipped_presets_train_with_the_recipe(preset):
+    """`imgcls train DATA` and `--config configs/<task>.yaml` both get the measured recipe (issue 15)."""
+    root = Path(__file__).resolve().parents[1]
+    cfg = config.resolve(file=root / preset if preset else None)
+    size = cfg.data.image_size
+    assert (cfg.optim.optimizer, cfg.optim.schedule, cfg.optim.ema) == ("lamb", "flat_cos", "auto")
+    assert cfg.optim.lr == recipes.OPTIMIZERS["lamb"].lr and cfg.optim.weight_decay == recipes.OPTIMIZERS["lamb"].weight_decay
+    assert cfg.model.model == recipes.model_for(size) and cfg.aug.aug == recipes.aug_for(cfg.run.epochs)
+    assert cfg.run.batch_size == 32 and cfg.data.resize == "center_crop"
+    assert recipes.model_for(64) != recipes.model_for(128)  # small inputs keep resolution, photos get a stride-4 stem
