@@ -1,6 +1,6 @@
 """Every CUDA path of imgcls in one run, with what it measures (issue 17): run this first on a GPU.
 
-    python benchmarks/gpu_check.py [--data /work/data/tiny-imagenet-100] [--models resnet18s resnet9]
+    python benchmarks/gpu_check.py [--data /work/data/tiny-imagenet-100] [--models resnet18d resnet18s]
         [--sizes 64 128] [--epochs 4] [--out DIR]
     python benchmarks/gpu_check.py --device cpu --quick      # CI: tiny model and data, under a minute
 
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="/work/data/tiny-imagenet-100")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--quick", action="store_true", help="tiny model, sizes and data (CI)")
-    p.add_argument("--models", nargs="+", help="registered names, optionally name:width (default resnet18s resnet9)")
+    p.add_argument("--models", nargs="+", help="registered names, optionally name:width (default resnet18d, the recipe's model, and resnet18s)")
     p.add_argument("--sizes", nargs="+", type=int, help="px (default 64 128)")
     p.add_argument("--epochs", type=int, help="epochs of the recipe (default 4)")
     p.add_argument("--out", help="working folder (default: a temporary one, removed at the end)")
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ddp_smoke:
         ddp_smoke(args.device)
         return 0
-    defaults = QUICK if args.quick else {"models": ["resnet18s", "resnet9"], "sizes": [64, 128], "epochs": 4}
+    defaults = QUICK if args.quick else {"models": ["resnet18d", "resnet18s"], "sizes": [64, 128], "epochs": 4}
     args.models, args.sizes = args.models or defaults["models"], args.sizes or defaults["sizes"]
     args.epochs = args.epochs or defaults["epochs"]
     if args.device == "cuda" and not torch.cuda.is_available():

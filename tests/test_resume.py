@@ -94,8 +94,10 @@ def assert_same_run(a: Path, b: Path) -> None:
     sa, sb = checkpoint.load_state(a / "state.pt"), checkpoint.load_state(b / "state.pt")
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
-    for i, buf in sa["optimizer"]["state"].items():
-        assert torch.equal(buf["momentum_buffer"], sb["optimizer"]["state"][i]["momentum_buffer"])
+    for i, bufs in sa["optimizer"]["state"].items():  # every buffer of whichever optimizer (LAMB: exp_avg, ...)
+        assert bufs.keys() == sb["optimizer"]["state"][i].keys() and bufs, i
+        for name, buf in bufs.items():
+            assert torch.equal(torch.as_tensor(buf), torch.as_tensor(sb["optimizer"]["state"][i][name])), (i, name)
     assert (sa["epoch"], sa["step"], sa["finished"]) == (sb["epoch"], sb["step"], True)
     assert sa.get("scaler") == sb.get("scaler")  # fp16: loss scale and growth tracker; {} otherwise
 
