@@ -182,11 +182,16 @@ class Trainer:
         return optim.size_at(self.epoch, epochs=self.epochs, size=d.image_size, scale=d.prog_scale, end=d.prog_end)
 
     def set_epochs(self, epochs: int) -> None:
-        """The planned length of an epochs=auto run: the schedules, and aug=auto's preset, follow it."""
+        """The planned length of an epochs=auto run: the schedules, and aug=auto's preset, follow it
+        (the preset is named in cfg at the first plan, so a later, shorter plan keeps it)."""
         self.epochs = self.cfg.run.epochs = epochs
         self.total_steps = epochs * self.steps_per_epoch
-        if self.cfg.optim.ema == "auto":  # before the first step: the average is still the initial weights
-            self.ema = optim.build_ema(self.model, optim.ema_decay("auto", self.total_steps))
+        if self.cfg.optim.ema == "auto":
+            decay = optim.ema_decay("auto", self.total_steps)
+            if self.ema is None or (self.epoch, self.step) == (0, 0):  # the average is still the initial weights
+                self.ema = optim.build_ema(self.model, decay)
+            else:  # a shorter plan mid-run (training.replan): the average so far stays, its horizon follows
+                self.ema.multi_avg_fn = optim.ema_update(decay)
         if self.cfg.aug.aug == "auto":
             recipes.fill_aug(self.cfg, epochs)
         self.pipelines.clear()

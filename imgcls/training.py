@@ -307,9 +307,10 @@ def fit_batch(cfg: Config, n_train: int, ranks: distributed.Ranks, log: Callable
     distributed.check_batch(cfg.run.batch_size, ranks.world, cfg.optim.accum_steps)
 
 
-def plan_run(trainer: Trainer, files: RunFiles, rules: StopRules, log: Callable[[str], None]) -> None:
+def plan_run(trainer: Trainer, files: RunFiles, rules: StopRules, log: Callable[[str], None]) -> dict | None:
     """time_limit=: calibrate, then with epochs=auto fix the epochs to fit (rank 0's plan, so all ranks
-    train alike); with fixed epochs, warn when the limit would cut the schedule."""
+    train alike) and return the plan (planning.Plan.to_dict()); with fixed epochs, warn when the limit would
+    cut the schedule."""
     timing = planning.calibrate(trainer, files)
     planned = planning.plan(trainer, timing, limit=rules.limit, elapsed=time.time() - rules.started)
     planned = trainer.ranks.gather(planned)[0]
@@ -322,12 +323,35 @@ def plan_run(trainer: Trainer, files: RunFiles, rules: StopRules, log: Callable[
             log(f"warning: time_limit={cfg.run.time_limit} fits about {planned.epochs} of the {cfg.run.epochs} epochs; "
                 f"the run would stop with the learning rate at {100 * share:.0f}% of its peak. epochs=auto plans "
                 f"the schedule to end within the limit (or set epochs={max(1, planned.epochs)}).")
-        return
+        return None
     if planned.epochs < 1:
         raise UserError(planning.too_short(planned))
     trainer.set_epochs(planned.epochs)
     files.save_plan(cfg, planned)
     log(planned.line())
+    return planned.to_dict()
+
+
+def replan(trainer: Trainer, files: RunFiles, rules: StopRules, m: dict, planned: dict,
+           log: Callable[[str], None]) -> None:
+    """epochs=auto, at each epoch's end: when the epochs left would not fit at the pace of the one just
+    trained (calibration steps can run faster or slower than whole epochs), end the plan earlier, so the
+    decay still finishes inside the limit; never longer. Rank 0's figures decide for every rank. With
+    flat_cos the learning rate of the flat part does not depend on the length, so a shorter plan there
+    changes nothing already trained."""
+    left = rules.limit - (time.time() - rules.started) - planned["finish_seconds"]
+    pace = m["seconds"] + planned["timing"]["save_seconds"]  # steps + evaluation, and the checkpoint after them
+    epochs = min(trainer.epochs, trainer.epoch + int(max(0.0, left) // pace))
+    epochs = trainer.ranks.gather(epochs)[0]
+    if epochs >= trainer.epochs:
+        return
+    log(f"replanned: {epochs} epochs instead of {trainer.epochs} (epoch {trainer.epoch} took {m['seconds']:.0f} s; "
+        f"{planning.duration(max(0.0, left))} left before finish)")
+    plan = json.loads((files.out / "plan.json").read_text()) if (files.out / "plan.json").is_file() else {}
+    replans = [*plan.get("replanned", []), {"after_epoch": trainer.epoch, "from": trainer.epochs, "epochs": epochs}]
+    trainer.set_epochs(epochs)
+    files.save_plan(trainer.cfg, json.dumps({**plan, "epochs": epochs, "steps": epochs * trainer.steps_per_epoch,
+                                             "replanned": replans}, indent=2))
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -374,8 +398,10 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
     files = RunFiles(out, ranks)
     source = resume_source(cfg, out)
     saved_plan = source / "plan.json" if source and (source / "plan.json").is_file() else None
-    if cfg.run.epochs == "auto" and saved_plan:  # `epochs=auto` again on a resume: the run's own plan
-        trainer.set_epochs(json.loads(saved_plan.read_text())["epochs"])
+    auto, planned = cfg.run.epochs == "auto", None
+    if auto and saved_plan:  # `epochs=auto` again on a resume: the run's own plan
+        planned = json.loads(saved_plan.read_text())
+        trainer.set_epochs(planned["epochs"])
     if source:
         resume(trainer, files, source)
     files.start(cfg, prep, rows, hw, trainer=trainer)
@@ -385,13 +411,15 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
     trainer.images = place_images(prep, hw, cfg.run.data_on_device)
     rules = StopRules(cfg, started=started or t0, ranks=ranks, n_val=len(rows["val"]), n_test=len(rows.get("test", [])))
     if rules.limit and (cfg.run.epochs == "auto" or not source):
-        plan_run(trainer, files, rules, log)
+        planned = plan_run(trainer, files, rules, log)
     with rules, user_errors(cfg, out):
         while not trainer.finished and rules.stopped == "done":
             train_epoch(trainer, rules, files)
             if rules.stopped != "done":
                 break
             m, improved = trainer.end_epoch()
+            if auto and rules.limit and planned and not trainer.finished:
+                replan(trainer, files, rules, m, planned, log)  # before the checkpoint: a resume continues it
             files.end_epoch(trainer, m, improved)
             rules.checkpointed()
             if board:

@@ -119,4 +119,4 @@ def test_no_flags_and_the_shipped_presets_train_with_the_recipe(preset):
     assert cfg.model.model == recipes.model_for(size) and cfg.data.resize == "center_crop"
     named = preset and preset.split("-")[-1].removesuffix(".yaml")  # food11-strong.yaml: the strong preset
     assert cfg.aug.aug == (named if named in ("light", "strong") else recipes.aug_for(cfg.run.epochs))
-    assert recipes.model_for(64) != recipes.model_for(128)  # small inputs keep resolution, photos get a stride-4 stem
+    assert recipes.model_for(32) == "resnet18s2" and recipes.model_for(64) == "resnet18d"  # stride 2 below 64 px
