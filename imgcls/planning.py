@@ -27,13 +27,12 @@ CALIBRATION_STEPS = 20  # timed steps; the first 2 (kernel set-up, compilation) 
 # 114-124 ms, so a plan for 15 epochs was cut after 11 at the peak learning rate. The plan uses the mean
 # step (slow steps count), and training.replan() shortens it at an epoch's end when the epochs left no
 # longer fit at the pace of the last one.
-STEP_ALLOWANCE = 1.0
 REPORT_SECONDS = 5.0  # the report after finish(): 1.6 s for food-10, 4.1 s for tiny-imagenet-100 on 2 CPU cores
 
 
 @dataclass
 class Timing:
-    step_seconds: float  # one optimizer step at `size` px (mean of the calibration steps x STEP_ALLOWANCE)
+    step_seconds: float  # one optimizer step at `size` px (mean of the calibration steps)
     size: int
     eval_seconds: float  # one evaluation of the validation split
     save_seconds: float  # one epoch-end checkpoint (state + weights)
@@ -93,7 +92,7 @@ def calibrate(trainer, files) -> Timing:
     files.save_weights_and_state(trainer)
     save_seconds = time.perf_counter() - t
     trainer.load_state_dict(saved)
-    step = statistics.fmean(times[2:] or times) * STEP_ALLOWANCE  # the mean: slow steps count
+    step = statistics.fmean(times[2:] or times)  # the mean: slow steps count
     return Timing(step, size, eval_seconds, save_seconds, len(trainer.rows["val"]), len(trainer.rows.get("test", [])),
                   time.perf_counter() - t0)
 

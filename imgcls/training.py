@@ -236,15 +236,14 @@ class RunFiles:
                 write(self.out / name)
                 (self.out / name).unlink()
 
-    def save_plan(self, cfg: Config, plan: planning.Plan | str | None) -> None:
+    def save_plan(self, cfg: Config, plan: dict | str | None) -> None:
         """epochs=auto: the planned epochs (and aug=auto's preset) go into config.yaml, so a resume
-        continues the same schedule; plan.json keeps the figures behind them (a Plan, or the text of
-        a resumed run's plan.json; None: it is there already)."""
+        continues the same schedule; plan.json keeps the figures behind them (Plan.to_dict(), or the
+        text of a resumed run's plan.json; None: it is there already)."""
         if self.main:
             checkpoint.write_text(self.out / "config.yaml", config.to_yaml(cfg))
             if plan is not None:
-                text = plan if isinstance(plan, str) else json.dumps(plan.to_dict(), indent=2)
-                checkpoint.write_text(self.out / "plan.json", text)
+                checkpoint.write_text(self.out / "plan.json", plan if isinstance(plan, str) else json.dumps(plan, indent=2))
 
     def end_epoch(self, trainer: Trainer, m: dict, improved: bool) -> None:
         self.metrics.append(m)
@@ -327,9 +326,10 @@ def plan_run(trainer: Trainer, files: RunFiles, rules: StopRules, log: Callable[
     if planned.epochs < 1:
         raise UserError(planning.too_short(planned))
     trainer.set_epochs(planned.epochs)
-    files.save_plan(cfg, planned)
+    saved = planned.to_dict()
+    files.save_plan(cfg, saved)
     log(planned.line())
-    return planned.to_dict()
+    return saved
 
 
 def replan(trainer: Trainer, files: RunFiles, rules: StopRules, m: dict, planned: dict,
@@ -347,11 +347,10 @@ def replan(trainer: Trainer, files: RunFiles, rules: StopRules, m: dict, planned
         return
     log(f"replanned: {epochs} epochs instead of {trainer.epochs} (epoch {trainer.epoch} took {m['seconds']:.0f} s; "
         f"{planning.duration(max(0.0, left))} left before finish)")
-    plan = json.loads((files.out / "plan.json").read_text()) if (files.out / "plan.json").is_file() else {}
-    replans = [*plan.get("replanned", []), {"after_epoch": trainer.epoch, "from": trainer.epochs, "epochs": epochs}]
+    planned.setdefault("replanned", []).append({"after_epoch": trainer.epoch, "from": trainer.epochs, "epochs": epochs})
+    planned.update(epochs=epochs, steps=epochs * trainer.steps_per_epoch)  # `planned` is plan.json's content
     trainer.set_epochs(epochs)
-    files.save_plan(trainer.cfg, json.dumps({**plan, "epochs": epochs, "steps": epochs * trainer.steps_per_epoch,
-                                             "replanned": replans}, indent=2))
+    files.save_plan(trainer.cfg, planned)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -397,16 +396,16 @@ def fit(cfg: Config, prep: Prepared, out: str | Path, *, rows: dict[str, np.ndar
         log(finetune.init_line(trainer.pretrained, trainer.num_classes))
     files = RunFiles(out, ranks)
     source = resume_source(cfg, out)
-    saved_plan = source / "plan.json" if source and (source / "plan.json").is_file() else None
+    saved_plan = (source / "plan.json").read_text() if source and (source / "plan.json").is_file() else None
     auto, planned = cfg.run.epochs == "auto", None
     if auto and saved_plan:  # `epochs=auto` again on a resume: the run's own plan
-        planned = json.loads(saved_plan.read_text())
+        planned = json.loads(saved_plan)
         trainer.set_epochs(planned["epochs"])
     if source:
         resume(trainer, files, source)
     files.start(cfg, prep, rows, hw, trainer=trainer)
     if saved_plan:
-        files.save_plan(cfg, None if source == out else saved_plan.read_text())
+        files.save_plan(cfg, None if source == out else saved_plan)
     board = tblog.TensorBoard(out) if cfg.run.tensorboard and ranks.is_main else None
     trainer.images = place_images(prep, hw, cfg.run.data_on_device)
     rules = StopRules(cfg, started=started or t0, ranks=ranks, n_val=len(rows["val"]), n_test=len(rows.get("test", [])))
