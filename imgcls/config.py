@@ -89,7 +89,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = True
     schedule: str = "flat_cos"  # flat_cos | cosine | linear | onecycle, after warmup_epochs of linear warmup
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 1.0  # at most a fifth of the run
     decay_start: float = 0.72  # flat_cos: the fraction of the run at the peak before the cosine decay starts
     min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of the peak
     label_smoothing: float = 0.1

@@ -29,14 +29,16 @@ DECAYS = {
 
 
 def lr_at(step: int, *, total: int, warmup: int, peak: float, cfg: OptimConfig) -> float:
-    """The learning rate of optimizer step `step` of `total`: linear warmup to `peak` over `warmup` steps,
-    then cfg.schedule's decay to peak * cfg.min_lr_ratio. onecycle (Smith 2018, as torch's OneCycleLR):
+    """The learning rate of optimizer step `step` of `total`: linear warmup to `peak` over `warmup` steps
+    (at most a fifth of the run, so a 1- or 2-epoch run still decays), then cfg.schedule's decay to
+    peak * cfg.min_lr_ratio. onecycle (Smith 2018, as torch's OneCycleLR):
     cosine from peak/25 up to the peak over the first 25% of the steps, then cosine down to peak/1e4."""
     if cfg.schedule == "onecycle":
         up = max(1, round(0.25 * total))
         if step < up:
             return peak / 25 + (peak - peak / 25) * (1 - _cosine(step / up))
         return peak / 1e4 + (peak - peak / 1e4) * _cosine((step - up) / max(1, total - up))
+    warmup = min(warmup, total // 5)
     if step < warmup:
         return peak * (step + 1) / warmup
     floor = peak * cfg.min_lr_ratio

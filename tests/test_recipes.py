@@ -75,6 +75,14 @@ def test_schedules_rise_to_the_peak_and_decay_to_the_floor(schedule):
         assert min(lrs[20:flat_until]) == pytest.approx(1.0)
 
 
+def test_a_run_shorter_than_its_warmup_still_decays():
+    """warmup_epochs=1 in a 1-epoch run: the warmup is cut to a fifth of the run, so the run ends annealed."""
+    cfg = config.resolve().optim
+    lrs = [optim.lr_at(s, total=100, warmup=100, peak=1.0, cfg=cfg) for s in range(100)]
+    assert lrs[19] == pytest.approx(1.0) and lrs[-1] < 0.01
+    assert optim.lr_at(10, total=1000, warmup=100, peak=1.0, cfg=cfg) == pytest.approx(0.11)  # a long run: unchanged
+
+
 def test_progressive_resizing_ends_at_full_size():
     sizes = [optim.size_at(e, epochs=10, size=128, scale=0.5, end=0.75) for e in range(10)]
     assert sizes[0] == 64 and sizes[7] < 128 and sizes[8:] == [128, 128] and sizes == sorted(sizes)  # full from 3/4 on
