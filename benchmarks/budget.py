@@ -213,32 +213,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(results: dict, epochs_list: list[int], rows: list[str]) -> None:
-    def acc_wall(key):
-        return mean_se([r["acc"] for r in results[key]])[0], float(np.mean([r["wall"] for r in results[key]]))
-
+    acc_wall = {key: (mean_se([r["acc"] for r in runs]), float(np.mean([r["wall"] for r in runs])))
+                for key, runs in results.items()}  # (row, epochs) -> ((mean acc, s.e.), mean wall)
     print(f"\n{'row':10s} {'epochs':>6s} {'held-out acc':>18s} {'wall s':>8s}   vs baseline")
     for epochs in epochs_list:
-        base = results.get(("baseline", epochs))
+        base = acc_wall.get(("baseline", epochs))
         for row in [r for r in rows if (r, epochs) in results]:
-            runs = results[(row, epochs)]
-            acc, se = mean_se([r["acc"] for r in runs])
-            wall = float(np.mean([r["wall"] for r in runs]))
-            vs = ""
-            if base and row != "baseline":
-                b_acc, b_wall = acc_wall(("baseline", epochs))
-                vs = f"{100 * (acc - b_acc):+.1f} points, wall x{wall / b_wall:.2f}"
+            (acc, se), wall = acc_wall[(row, epochs)]
+            vs = f"{100 * (acc - base[0][0]):+.1f} points, wall x{wall / base[1]:.2f}" if base and row != "baseline" else ""
             print(f"{row:10s} {epochs:6d} {acc:.4f} +- {se:.4f} {wall:8.0f}   {vs}")
     mine = sorted(e for r, e in results if r == "imgcls")
+    curves = {e: (np.mean([r["curve"] for r in results[("imgcls", e)]], axis=0),
+                  np.mean([r["elapsed"] for r in results[("imgcls", e)]], axis=0)) for e in mine}
     for other in ("baseline", "timm"):  # time to the other row's accuracy at each of its budgets
         for epochs in sorted(e for r, e in results if r == other):
-            target, o_wall = acc_wall((other, epochs))
-            whole = next(((e, acc_wall(("imgcls", e))[1]) for e in mine if acc_wall(("imgcls", e))[0] >= target), None)
+            ((target, _), o_wall) = acc_wall[(other, epochs)]
+            whole = next((e for e in mine if acc_wall[("imgcls", e)][0][0] >= target), None)
             print(f"time to {other}'s {epochs}-epoch accuracy {target:.4f} ({o_wall:.0f} s): " + (
-                f"whole imgcls schedule epochs={whole[0]}, {whole[1]:.0f} s = {o_wall / whole[1]:.1f}x less wall"
-                if whole else "no imgcls schedule reaches it"))
-            for e in mine:
-                runs = results[("imgcls", e)]
-                curve, elapsed = np.mean([r["curve"] for r in runs], axis=0), np.mean([r["elapsed"] for r in runs], axis=0)
+                f"whole imgcls schedule epochs={whole}, {acc_wall[('imgcls', whole)][1]:.0f} s = "
+                f"{o_wall / acc_wall[('imgcls', whole)][1]:.1f}x less wall" if whole else "no imgcls schedule reaches it"))
+            for e, (curve, elapsed) in curves.items():
                 if (curve >= target).any():
                     hit = int(np.argmax(curve >= target))
                     print(f"    along imgcls's {e}-epoch runs: after epoch {hit + 1}, {elapsed[hit]:.0f} s = "
