@@ -49,7 +49,7 @@ def cache_size(data: DataConfig) -> int:
 
 @dataclass
 class AugConfig:
-    aug: str = "auto"  # preset: auto (by epochs: recipes.aug_for) | light | medium | strong | custom (the keys below as set)
+    aug: str = "auto"  # preset: auto (by epochs: recipes.aug_for) | short | light | medium | strong | custom (the keys below as set)
     crop_scale: tuple[float, float] = (0.35, 1.0)  # random-resized-crop area fraction
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
     hflip: float = 0.5  # probability of a horizontal flip
@@ -235,7 +235,7 @@ CHOICES = {
     "mean_std": ("auto", "imagenet", "model"),
     "optimizer": ("lamb", "sgd", "adamw", "ranger"),
     "schedule": ("cosine", "flat_cos", "linear", "onecycle"),
-    "aug": ("custom", "auto", "light", "medium", "strong"),
+    "aug": ("custom", "auto", "short", "light", "medium", "strong"),
     "device": ("auto", "cpu", "cuda"),
     "amp": ("auto", "bf16", "fp16", "off"),
     "channels_last": ("auto", "true", "false"),

@@ -34,8 +34,12 @@ def test_model_auto_chooses_by_image_size_and_aug_auto_by_epochs():
     assert config.resolve(overrides={"model": "auto", "image_size": 64}).model.model == recipes.model_for(64)
     assert config.resolve(overrides={"model": "auto", "image_size": 160}).model.model == recipes.model_for(160)
     short = config.resolve(overrides={"aug": "auto", "epochs": 5})
+    mid = config.resolve(overrides={"aug": "auto", "epochs": 6})
     long = config.resolve(overrides={"aug": "auto", "epochs": 200})
-    assert (short.aug.aug, short.aug.policy, short.aug.mixup_alpha) == ("light", "none", 0.0)
+    assert (short.aug.aug, short.aug.policy, short.aug.mixup_alpha, short.aug.crop_scale) == ("short", "none", 0.0, (0.6, 1.0))
+    assert (mid.aug.aug, mid.aug.crop_scale) == ("light", (0.35, 1.0))  # larger crops for 5 epochs or fewer only
+    kept = config.resolve(overrides={"aug": "auto", "epochs": 5, "crop_scale": "0.2,1"})
+    assert kept.aug.aug == "short" and kept.aug.crop_scale == (0.2, 1.0)  # what the user set stays
     assert (long.aug.aug, long.aug.policy) == ("strong", "trivialaugment") and long.aug.mixup_alpha > 0
 
 
