@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from imgcls import recipes  # torch-free, like this module
 from imgcls.errors import UserError
 
 
@@ -233,9 +234,9 @@ CHOICES = {
     "mix_mode": ("batch", "sample"),
     "pretrained": ("off", "forbid"),
     "mean_std": ("auto", "imagenet", "model"),
-    "optimizer": ("lamb", "sgd", "adamw", "ranger"),
+    "optimizer": tuple(recipes.OPTIMIZERS),
     "schedule": ("cosine", "flat_cos", "linear", "onecycle"),
-    "aug": ("custom", "auto", "short", "light", "medium", "strong"),
+    "aug": ("custom", "auto", *recipes.AUG_PRESETS),
     "device": ("auto", "cpu", "cuda"),
     "amp": ("auto", "bf16", "fp16", "off"),
     "channels_last": ("auto", "true", "false"),
@@ -313,8 +314,6 @@ def resolve(*, defaults: dict[str, Any] | None = None, file: str | Path | None =
             raise UserError(f"In {file}: {e}") from None
     if overrides:
         apply(cfg, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)), index)
-    from imgcls import recipes  # torch-free, like this module
-
     recipes.fill(cfg)
     validate(cfg)
     return cfg
