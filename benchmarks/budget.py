@@ -20,7 +20,8 @@ imgcls rows run as `python -m imgcls` subprocesses, each on a cache built before
 decoding is a one-off the later runs of a session reuse); wall = the subprocess's, imports and
 report included. `--auto F` adds an `epochs=auto time_limit=` run at F x the baseline's wall at the
 largest epoch budget (the "same accuracy in a third of the time" check). `--row-epochs timm=5` runs a
-row at fewer budgets than --epochs (e.g. short imgcls schedules against timm's 5 epochs only).
+row at fewer budgets than --epochs (e.g. short imgcls schedules against timm's 5 epochs only), and
+`--row-seeds baseline=0` a row at its own seeds (a long baseline once, the imgcls rows at three).
 
 Time to another row's accuracy is read two ways: whole imgcls schedules (the shortest `epochs=E` run
 whose mean accuracy reaches it: what a user who wants that accuracy would run) and, along each imgcls
@@ -139,12 +140,25 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else float("nan")
 
 
+def per_row(p: argparse.ArgumentParser, flag: str, text: str, rows: list[str], default: list[int], *,
+            allowed: list[int] | None = None) -> dict[str, list[int]]:
+    """"ROW=1,2;ROW=3" -> {row: [ints]} for every row of --rows, `default` where a row is not named."""
+    out = {row: default for row in rows}
+    for item in filter(None, text.split(";")):
+        row, _, listed = item.partition("=")
+        out[row] = [int(v) for v in listed.split(",")]
+        if row not in rows or (allowed is not None and not set(out[row]) <= set(allowed)):
+            p.error(f"{flag} {item!r}: name a row of --rows" + (" and epochs of --epochs" if allowed else ""))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("task", choices=sorted(TASKS))
     p.add_argument("--epochs", default="5,20")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--timm-seeds", help="seeds of the timm row (default --seeds): its PIL pipeline is the slowest row")
+    p.add_argument("--row-seeds", default="", help="ROW=S1,S2;ROW=...: a row's own seeds (e.g. baseline=0 for a long baseline)")
     p.add_argument("--rows", default="imgcls,baseline,timm")
     p.add_argument("--row-epochs", default="", help="ROW=E1,E2;ROW=...: a row's own subset of --epochs")
     p.add_argument("--baseline-rev", default="4f2b1ad", help="the commit before issue 15")
@@ -158,13 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     malloc.keep_freed_memory()
     task, epochs_list = TASKS[args.task], [int(e) for e in args.epochs.split(",")]
     seeds, rows = [int(s) for s in args.seeds.split(",")], args.rows.split(",")
-    timm_seeds = [int(s) for s in args.timm_seeds.split(",")] if args.timm_seeds else seeds
-    row_epochs = {row: epochs_list for row in rows}
-    for item in filter(None, args.row_epochs.split(";")):
-        row, _, listed = item.partition("=")
-        row_epochs[row] = [int(e) for e in listed.split(",")]
-        if row not in rows or not set(row_epochs[row]) <= set(epochs_list):
-            p.error(f"--row-epochs {item!r}: name a row of --rows and epochs of --epochs")
+    row_epochs = per_row(p, "--row-epochs", args.row_epochs, rows, epochs_list, allowed=epochs_list)
+    row_seeds = per_row(p, "--row-seeds", args.row_seeds + (f";timm={args.timm_seeds}" if args.timm_seeds and "timm" in rows else ""),
+                        rows, seeds)
     args.work.mkdir(parents=True, exist_ok=True)
     view = view_of(task, args.work)  # timm's input; imgcls reads the dataset itself where it is whole
     data = view if "classes" in task else Path(task["data"])
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, int], list[dict]] = {}
     for epochs in epochs_list:
         for row in [r for r in rows if epochs in row_epochs[r]]:
-            for seed in (timm_seeds if row == "timm" else seeds):
+            for seed in row_seeds[row]:
                 out = args.work / f"{row}-e{epochs}-s{seed}"
                 subprocess.run(["rm", "-rf", str(out)])
                 if row == "timm":
