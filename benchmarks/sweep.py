@@ -7,7 +7,7 @@ process, and print held-out accuracy as mean +- s.e. over the seeds, with wall t
 
 Each run is `imgcls.train(data, fresh dir, **base, **arm, seed=s, epochs=E)` on the data's own split
 (food-11 layout: training/ -> validation/). `--eval-sizes 128,144,160` also scores the final weights at
-those test resolutions (FixRes). `--classes N` trains on the first N classes only (a symlinked view;
+those test resolutions (FixRes), `--eval-crops 1,0.875,0.8` on those centre crops of the cache (eval_crop=). `--classes N` trains on the first N classes only (a symlinked view;
 `--held-out F` of their labelled images is the validation split).
 """
 from __future__ import annotations
@@ -20,7 +20,6 @@ import shutil
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +65,8 @@ def score_at_sizes(run_dir: Path, data_root: Path, sizes: list[int]) -> dict[int
     return out
 
 
-def score_center_crop(run_dir: Path, data_root: Path) -> float:
-    """Held-out accuracy of the run's final weights on a centre crop of 87.5% of the cache's side,
-    resized to the eval size (ImageNet's "resize to 1.14x, crop"), against the plain view's whole image."""
+def score_eval_crops(run_dir: Path, data_root: Path, fractions: list[float]) -> dict[float, float]:
+    """Held-out accuracy of the run's final weights on plain views of other centre crops (eval_crop=)."""
     import torch
 
     from imgcls import hardware, inference
@@ -78,10 +76,9 @@ def score_center_crop(run_dir: Path, data_root: Path) -> float:
     run = inference.load_run(run_dir, weights="last", hw=hw)
     prep = data.prepare(data_root, cfg, progress=False)
     rows = prep.rows["val"]
-    size = config.eval_size(cfg.data)
-    view = partial(inference.fixed_view, size=size, crop="center", flip=False)
-    logits = inference.infer(run.model, prep.images, rows, size=size, hw=hw, view=view)
-    return float((logits.argmax(1) == torch.as_tensor(prep.labels[rows])).float().mean())
+    labels = torch.as_tensor(prep.labels[rows])
+    return {f: float((inference.infer(run.model, prep.images, rows, size=config.eval_size(cfg.data), hw=hw, crop=f)
+                      .argmax(1) == labels).float().mean()) for f in fractions}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,13 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=0, help="train on the first N classes only")
     p.add_argument("--held-out", type=float, default=0.2)
     p.add_argument("--eval-sizes", default="", help="comma-separated test resolutions to score the final weights at")
-    p.add_argument("--eval-center", action="store_true",
-                   help="also score the final weights on a centre crop of 87.5%% of the side")
+    p.add_argument("--eval-crops", default="", help="comma-separated eval_crop fractions to score the final weights at")
     p.add_argument("--json", type=Path, help="append one JSON line per run")
     args = p.parse_args(argv)
     malloc.keep_freed_memory()
     seeds = [int(s) for s in args.seeds.split(",")]
     sizes = [int(s) for s in args.eval_sizes.split(",") if s]
+    crops = [float(f) for f in args.eval_crops.split(",") if f]
     work = Path(tempfile.mkdtemp(prefix="imgcls-sweep-", dir="/tmp"))
     os.environ.setdefault("IMGCLS_CACHE", str(Path(tempfile.gettempdir()) / "imgcls-sweep-cache"))
     root = subset_view(args.data, work, classes=args.classes, held_out=args.held_out) if args.classes else args.data
@@ -128,11 +125,11 @@ def main(argv: list[str] | None = None) -> int:
                        "model": result.config.model.model}
                 if sizes:
                     row["at_size"] = score_at_sizes(out, root, sizes)
-                if args.eval_center:
-                    row["center_crop"] = score_center_crop(out, root)
+                if crops:
+                    row["at_crop"] = score_eval_crops(out, root, crops)
                 runs.append(row)
                 print(f"  {name} seed {seed}: final {row['final']:.4f} best {row['best']:.4f} {wall:.0f}s "
-                      f"{row.get('at_size', '')} {row.get('center_crop', '')}", flush=True)
+                      f"{row.get('at_size', '')} {row.get('at_crop', '')}", flush=True)
                 if args.json:
                     with open(args.json, "a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -146,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         se = final.std(ddof=1) / math.sqrt(len(final)) if len(final) > 1 else float("nan")
         print(f"{name:24s} {final.mean():.4f} +- {se:.4f} {np.mean([r['best'] for r in runs]):8.4f} "
               f"{np.mean([r['wall'] for r in runs]):7.0f}  {settings}")
-        if "center_crop" in runs[0]:
-            center = np.array([r["center_crop"] for r in runs])
-            print(f"{'  eval centre crop':24s} {center.mean():.4f} +- {center.std(ddof=1) / math.sqrt(len(center)) if len(center) > 1 else float('nan'):.4f}")
+        for f in crops:
+            acc = np.array([r["at_crop"][f] for r in runs])
+            se = acc.std(ddof=1) / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
+            print(f"{f'  eval_crop={f}':24s} {acc.mean():.4f} +- {se:.4f}")
     return 0
 
 

@@ -128,7 +128,7 @@ def train(data: str | Path, out: str | Path, *, config: str | Path | None = None
     A second call with the same `out` resumes it from its state.pt (resume=RUN: from another run).
     Under torchrun every process calls this; rank 0 writes the run. `_job`: a child of a seeds= run."""
     started = time.time()  # time_limit= counts from here: decoding the cache is part of the session
-    from imgcls import config as configs, data as datalib, distributed, finetune, hardware, repeats, training
+    from imgcls import config as configs, data as datalib, distributed, finetune, repeats, training
 
     log = _logger(verbose)
     cfg = resolve_config(data, config, overrides)

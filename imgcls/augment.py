@@ -632,6 +632,15 @@ def train_views(images_u8: torch.Tensor, targets: torch.Tensor, g: torch.Generat
     return apply(steps, images_u8.permute(0, 3, 1, 2), targets, g)
 
 
-def eval_views(images_u8: torch.Tensor, *, size: int) -> torch.Tensor:
-    """Cache rows -> the plain evaluation view, normalized: the model's input."""
-    return normalize(resize(to_float(images_u8), size))
+def center_crop(images: torch.Tensor, fraction: float) -> torch.Tensor:
+    """[..., H, W] square images -> their centred square of `fraction` of the side (1 = as they are)."""
+    side = images.shape[-1]
+    c = round(fraction * side)
+    top = (side - c) // 2
+    return images[..., top:top + c, top:top + c]
+
+
+def eval_views(images_u8: torch.Tensor, *, size: int, crop: float = 1.0) -> torch.Tensor:
+    """Cache rows -> the plain evaluation view, normalized: the model's input. `crop`: the centre
+    crop's fraction of the cache's side (config eval_crop), resized to `size`."""
+    return normalize(resize(center_crop(to_float(images_u8), crop), size))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -231,7 +230,7 @@ def time_eval(run_dir: Path, mini: Prepared, hw: hardware.Hardware) -> tuple[flo
     if hw.device.type == "cuda":
         torch.cuda.synchronize(hw.device)
     t0 = time.perf_counter()
-    inference.infer(run.model, mini.images, rows, size=size, hw=hw, batch_size=bs)  # ends in .cpu(): synced
+    inference.infer(run.model, mini.images, rows, size=size, hw=hw, batch_size=bs, crop=run.cfg.data.eval_crop)  # ends in .cpu(): synced
     return time.perf_counter() - t0, len(rows)
 
 

@@ -26,6 +26,8 @@ class DataConfig:
     image_size: int = 64  # px, side of the square image the model trains on (at the end of progressive resizing)
     cache_size: int = 0  # px, side of the decoded cache; 0 = the larger of image_size and eval_size
     eval_size: int = 0  # px the model is scored and predicts at; 0 = image_size (FixRes: larger than image_size)
+    eval_crop: float = 0.875  # the evaluation view: the centre crop of this fraction of the cache's side, resized to
+    #                           eval_size (1 = the whole image). Training crops zoom in; this zooms the test view alike
     prog_scale: float = 1.0  # progressive resizing: the first epochs train at this fraction of image_size; 1 = off
     prog_end: float = 0.75  # ... growing to image_size by this fraction of the run, full size after it
     resize: str = "center_crop"  # how a photo becomes square in the cache: center_crop (short side, centre) | squash
@@ -327,6 +329,7 @@ def validate(cfg: Config) -> None:
          "epochs=auto plans the schedule to fit time_limit=: give one too (e.g. time_limit=11h30m), or set epochs=N."),
         (cfg.run.batch_size >= 1, f"batch_size must be at least 1, got {cfg.run.batch_size}."),
         (cfg.optim.lr > 0, f"lr must be positive, got {cfg.optim.lr}."),
+        (0 < cfg.data.eval_crop <= 1, f"eval_crop is the evaluation view's fraction of the side, in (0, 1], got {cfg.data.eval_crop}."),
         (0 <= cfg.data.val_fraction < 1, f"val_fraction must be in [0, 1), got {cfg.data.val_fraction}."),
         (cfg.data.subset >= 0 and (cfg.data.subset < 1 or float(cfg.data.subset).is_integer()),
          f"subset is a fraction in (0, 1) of each class or a whole number of images per class, got "

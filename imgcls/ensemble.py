@@ -163,7 +163,7 @@ def member_probs(m: Member, prepared, *, split: str, hw: Hardware, tta: int = 0,
                 raise UserError(f"{prep.dataset.root} has no {split} split to predict.")
         probs = tta_probs(run.model, prep.images, rows, size=config.eval_size(run.cfg.data), hw=hw, n=tta,
                           weight=tta_weight, views=tta_views, aug=run.cfg.aug, seed=run.cfg.run.seed,
-                          batch_size=batch_size)
+                          batch_size=batch_size, crop=run.cfg.data.eval_crop)
         parts.append(Probs([prep.ids[i] for i in rows], prep.classes, probs, labels=prep.labels[rows]))
     if split == "heldout":  # the folds' held-out sets are disjoint: together they are the OOF set
         return Probs([i for p in parts for i in p.ids], parts[0].classes, torch.cat([p.probs for p in parts]),

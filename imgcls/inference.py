@@ -29,12 +29,13 @@ def _batches(images, rows: np.ndarray, batch_size: int, device: torch.device):
 
 @torch.no_grad()
 def infer(model: nn.Module, images, rows: np.ndarray, *, size: int, hw: Hardware, batch_size: int = 512,
-          view=None) -> torch.Tensor:
+          crop: float = 1.0, view=None) -> torch.Tensor:
     """Logits (float32, on the CPU) for cache rows, in the order of `rows`.
 
-    view(images_u8) -> the model's input (normalized); default: the plain evaluation view (resize only)."""
+    view(images_u8) -> the model's input (normalized); default: the plain evaluation view (the centre
+    `crop` of the side, resized to `size`)."""
     model.eval()
-    view = view or (lambda x: augment.eval_views(x, size=size))
+    view = view or partial(augment.eval_views, size=size, crop=crop)
     out = []
     for batch in _batches(images, rows, batch_size, hw.device):
         x = view(batch).contiguous(memory_format=hw.memory_format)
@@ -44,9 +45,9 @@ def infer(model: nn.Module, images, rows: np.ndarray, *, size: int, hw: Hardware
 
 
 def evaluate(model: nn.Module, images, rows: np.ndarray, labels: np.ndarray, *, size: int, hw: Hardware,
-             batch_size: int = 512) -> tuple[float, float, torch.Tensor]:
-    """(mean cross-entropy, accuracy, logits) on labelled rows."""
-    logits = infer(model, images, rows, size=size, hw=hw, batch_size=batch_size)
+             batch_size: int = 512, crop: float = 1.0) -> tuple[float, float, torch.Tensor]:
+    """(mean cross-entropy, accuracy, logits) on labelled rows, on the plain view (see infer)."""
+    logits = infer(model, images, rows, size=size, hw=hw, batch_size=batch_size, crop=crop)
     y = torch.as_tensor(labels[rows])
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item(), logits
 
@@ -82,14 +83,14 @@ def load_run(run_dir: str | Path, *, weights: str = "best", hw: Hardware) -> Loa
 TTA_WEIGHT = 0.5  # weight of the plain view; 1 = plain prediction
 CROP = 0.875  # shifted crops keep 87.5% of the side: corner crops sit 6.25% of the side off centre,
 #              like airbench's 2 px translation at 32 px
-FIXED_VIEWS = [("full", True), ("top_left", False), ("bottom_right", True), ("top_right", False),
+FIXED_VIEWS = [("plain", True), ("top_left", False), ("bottom_right", True), ("top_right", False),
                ("bottom_left", True), ("center", False), ("top_left", True), ("bottom_right", False),
                ("top_right", True), ("bottom_left", False), ("center", True)]  # (crop, hflip), plain view excluded
 
 
-def fixed_view(images_u8: torch.Tensor, *, size: int, crop: str, flip: bool) -> torch.Tensor:
-    """Cache rows -> one deterministic view, normalized: a CROP-sized corner/centre crop (or the full
-    image), optionally flipped, resized to `size`."""
+def fixed_view(images_u8: torch.Tensor, *, size: int, crop: str, flip: bool, plain_crop: float = 1.0) -> torch.Tensor:
+    """Cache rows -> one deterministic view, normalized: a CROP-sized corner/centre crop (or, for
+    "plain", the plain view's centre crop of `plain_crop`), optionally flipped, resized to `size`."""
     import torchvision.transforms.v2.functional as TF
 
     x = augment.to_float(images_u8)
@@ -97,7 +98,9 @@ def fixed_view(images_u8: torch.Tensor, *, size: int, crop: str, flip: bool) -> 
     c = round(CROP * side)
     offsets = {"top_left": (0, 0), "top_right": (0, side - c), "bottom_left": (side - c, 0),
                "bottom_right": (side - c, side - c), "center": ((side - c) // 2, (side - c) // 2)}
-    if crop != "full":
+    if crop == "plain":
+        x = augment.center_crop(x, plain_crop)
+    else:
         top, left = offsets[crop]
         x = TF.crop(x, top, left, c, c)
     if flip:
@@ -105,12 +108,12 @@ def fixed_view(images_u8: torch.Tensor, *, size: int, crop: str, flip: bool) -> 
     return augment.normalize(augment.resize(x, size))
 
 
-def fixed_views(n: int, *, size: int, aug, seed: int, device: torch.device) -> list:
+def fixed_views(n: int, *, size: int, crop: float, aug, seed: int, device: torch.device) -> list:
     check_tta(n, TTA_WEIGHT, "fixed")
-    return [partial(fixed_view, size=size, crop=crop, flip=flip) for crop, flip in FIXED_VIEWS[:n]]
+    return [partial(fixed_view, size=size, crop=name, flip=flip, plain_crop=crop) for name, flip in FIXED_VIEWS[:n]]
 
 
-def aug_views(n: int, *, size: int, aug, seed: int, device: torch.device) -> list:
+def aug_views(n: int, *, size: int, crop: float, aug, seed: int, device: torch.device) -> list:
     """n views from the run's training augmentation (batch mixing off: it would blend test images).
     One generator, seeded, serves all views in turn: the same seed and batch size give the same views."""
     from imgcls import hardware
@@ -140,13 +143,13 @@ def check_tta(n: int, weight: float, views: str) -> None:
 
 def tta_probs(model: nn.Module, images, rows: np.ndarray, *, size: int, hw: Hardware, n: int = 0,
               weight: float = TTA_WEIGHT, views: str = "fixed", aug=None, seed: int = 0,
-              batch_size: int = 512) -> torch.Tensor:
+              batch_size: int = 512, crop: float = 1.0) -> torch.Tensor:
     """Probabilities [len(rows), C]: weight * p(plain view) + (1 - weight) * mean over n views; n=0 is plain."""
     check_tta(n, weight, views)
-    probs = infer(model, images, rows, size=size, hw=hw, batch_size=batch_size).softmax(1)
+    probs = infer(model, images, rows, size=size, hw=hw, batch_size=batch_size, crop=crop).softmax(1)
     if n <= 0:
         return probs
-    view_fns = TTA_VIEWS[views](n, size=size, aug=aug, seed=seed, device=hw.device)
+    view_fns = TTA_VIEWS[views](n, size=size, crop=crop, aug=aug, seed=seed, device=hw.device)
     mean = sum(infer(model, images, rows, size=size, hw=hw, batch_size=batch_size, view=v).softmax(1)
                for v in view_fns) / n
     return weight * probs + (1 - weight) * mean

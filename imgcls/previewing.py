@@ -62,7 +62,7 @@ def render(prep: Prepared, cfg: Config, *, views: int, images: int = 8) -> Previ
     pipeline = augment.build_train_pipeline(cfg.aug, size=size)
     g = hardware.make_generator(hw.device, cfg.run.seed + 1)  # as fit() seeds its augmentation generator
     epochs = cfg.run.epochs if cfg.run.epochs != "auto" else 10**6  # epochs=auto: not planned yet, mixing is on
-    out = [to_uint8(augment.denormalize(augment.eval_views(batch, size=size)))]
+    out = [to_uint8(augment.denormalize(augment.eval_views(batch, size=size, crop=cfg.data.eval_crop)))]
     with torch.no_grad():
         for _ in range(views):  # each call is what one training step does to this batch
             x, t = augment.train_views(batch, targets, g, pipeline)

@@ -97,15 +97,15 @@ def rank_rngs(state: dict, ranks: distributed.Ranks) -> dict | None:
     return None
 
 
-def val_score(model: nn.Module, images: torch.Tensor, rows: np.ndarray, labels: np.ndarray, *, size: int,
+def val_score(model: nn.Module, images: torch.Tensor, rows: np.ndarray, labels: np.ndarray, *, size: int, crop: float,
               hw: hardware.Hardware, batch_size: int, ranks: distributed.Ranks) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) on the validation rows. Over several ranks each scores every
     world-th row with rank 0's weights and the sums are reduced, so all ranks get the same numbers."""
     if not ranks.active:
-        return inference.evaluate(model, images, rows, labels, size=size, hw=hw, batch_size=batch_size)[:2]
+        return inference.evaluate(model, images, rows, labels, size=size, hw=hw, batch_size=batch_size, crop=crop)[:2]
     distributed.sync_state(model, ranks)
     mine = rows[ranks.rank::ranks.world]
-    loss, acc = (inference.evaluate(model, images, mine, labels, size=size, hw=hw, batch_size=batch_size)[:2]
+    loss, acc = (inference.evaluate(model, images, mine, labels, size=size, hw=hw, batch_size=batch_size, crop=crop)[:2]
                  if len(mine) else (0.0, 0.0))
     loss_sum, correct, n = ranks.sum([loss * len(mine), acc * len(mine), len(mine)])
     return loss_sum / n, correct / n
@@ -299,6 +299,7 @@ class Trainer:
         if not self.has_val:
             return {}
         loss, acc = val_score(self.eval_model, self.images, self.rows["val"], self.prep.labels, size=self.eval_size,
+                              crop=self.cfg.data.eval_crop,
                               hw=self.hw, batch_size=self.cfg.run.eval_batch_size, ranks=self.ranks)
         return {"val_loss": loss, "val_acc": acc}
 

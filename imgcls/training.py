@@ -443,15 +443,15 @@ def finish(out: Path, prep: Prepared, rows: dict[str, np.ndarray], hw: hardware.
     """Best weights -> validation and test logits on disk, and the submission when there is a test split.
     `images`: the cache as fit() placed it (on the GPU when it fits), so it is not copied there again."""
     checkpoint.load_weights(model, out / "best.safetensors")
-    size, bs = config.eval_size(cfg.data), cfg.run.eval_batch_size
+    view = dict(size=config.eval_size(cfg.data), crop=cfg.data.eval_crop, hw=hw, batch_size=cfg.run.eval_batch_size)
     images = prep.images if images is None else images
     if len(rows["val"]):  # holdout=none: no held-out images, so no validation predictions
-        val_logits = inference.infer(model, images, rows["val"], size=size, hw=hw, batch_size=bs)
+        val_logits = inference.infer(model, images, rows["val"], **view)
         ensemble.save_probs(out / "val_logits.npz", ids=[prep.ids[i] for i in rows["val"]], classes=prep.classes,
                             logits=val_logits, labels=prep.labels[rows["val"]])
     if len(rows.get("test", [])) == 0:
         return None
-    test_logits = inference.infer(model, images, rows["test"], size=size, hw=hw, batch_size=bs)
+    test_logits = inference.infer(model, images, rows["test"], **view)
     ids = [prep.ids[i] for i in rows["test"]]
     ensemble.save_probs(out / "test_logits.npz", ids=ids, classes=prep.classes, logits=test_logits)
     preds = dict(zip(ids, test_logits.argmax(1).tolist()))

@@ -423,6 +423,6 @@ def test_preview_uses_the_training_generator_and_pipeline(food10_slice):
     for k in (1, 2):
         x, _ = augment.train_views(batch, targets, g, steps)
         assert np.array_equal(shown.views[:, k], previewing.to_uint8(augment.denormalize(x)))
-    assert np.array_equal(shown.views[:, 0], previewing.to_uint8(augment.denormalize(augment.eval_views(batch, size=32))))
+    assert np.array_equal(shown.views[:, 0], previewing.to_uint8(augment.denormalize(augment.eval_views(batch, size=32, crop=cfg.data.eval_crop))))
     assert len(set(prep.labels[rows])) == 2  # one image per class
     assert Path(prep.dataset.root) == Path(food10_slice)

@@ -255,3 +255,20 @@ def test_folds_and_seeds_run_as_one_child_process_per_gpu(food11_tiny, tmp_path,
     summary = json.loads((rep / "seeds.json").read_text())
     assert [r["status"] for r in summary["runs"]] == ["done", "done"]
     assert json.loads((rep / "seed-5" / "manifest.json").read_text())["seed"] == 5
+
+
+def test_eval_crop_scores_the_centre_and_tta_flips_that_same_view(small_model_and_images):
+    from imgcls import augment, config
+
+    model, images, rows = small_model_and_images
+    centre = augment.eval_views(images, size=16, crop=0.8)  # 16 of 20 px, 2 px off each side
+    torch.testing.assert_close(centre, augment.normalize(augment.to_float(images)[..., 2:18, 2:18]))
+    plain = inference.infer(model, images, rows, size=16, hw=CPU, crop=0.8).softmax(1)
+    assert not torch.allclose(plain, inference.infer(model, images, rows, size=16, hw=CPU).softmax(1))
+    flipped = inference.infer(model, images, rows, size=16, hw=CPU,
+                              view=lambda x: augment.eval_views(x, size=16, crop=0.8).flip(-1)).softmax(1)
+    only_flip = inference.tta_probs(model, images, rows, size=16, hw=CPU, n=1, weight=0.0, crop=0.8)
+    torch.testing.assert_close(only_flip, flipped)
+    torch.testing.assert_close(inference.tta_probs(model, images, rows, size=16, hw=CPU, crop=0.8), plain)
+    with pytest.raises(cli.UserError, match="eval_crop"):
+        config.resolve(overrides={"eval_crop": "0"})
