@@ -87,9 +87,9 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "lamb"  # lamb | sgd (Nesterov) | adamw | ranger (Lookahead + RAdam): recipes.OPTIMIZERS
+    optimizer: str = "muon"  # muon | lamb | sgd (Nesterov) | adamw | ranger (Lookahead + RAdam): recipes.OPTIMIZERS
     lr: float = 0.0  # peak learning rate per 512 images of global batch (scaled linearly); 0 = the optimizer's default
-    weight_decay: float = 0.02  # unset: the optimizer's default (recipes.OPTIMIZERS)
+    weight_decay: float = 0.05  # unset: the optimizer's default (recipes.OPTIMIZERS)
     momentum: float = 0.9
     nesterov: bool = True
     schedule: str = "flat_cos"  # flat_cos | cosine | linear | onecycle, after warmup_epochs of linear warmup

@@ -21,6 +21,11 @@ OPTIMIZERS = {
     "adamw": Optimizer("adamw", lr=0.024, weight_decay=0.05),
     "lamb": Optimizer("lamb", lr=0.04, weight_decay=0.02),
     "ranger": Optimizer("lookahead_radam", lr=0.064, weight_decay=0.01),  # fastai's Imagenette entries: 8e-3 at batch 64
+    # The default. Muon (airbench's CIFAR-10 optimizer): Nesterov momentum orthogonalised by Newton-Schulz on
+    # conv and linear weights, NAdamW on norms and biases; timm scales its step to AdamW's RMS. food-10, 128 px,
+    # 5 epochs, batch 32, 3 seeds: lr 0.096 64.5 +- 0.4% (0.048: 63.4 +- 0.7%) against LAMB's 53.6 +- 0.6%,
+    # at 1.5x LAMB's wall on a 2-core CPU (Newton-Schulz on every conv weight each step); longer runs unmeasured.
+    "muon": Optimizer("nmuon", lr=0.096, weight_decay=0.05),
 }
 
 AUG_PRESETS = {
