@@ -85,11 +85,14 @@ class ModelConfig:
     mean_std: str = "auto"  # input normalization: imagenet | model (a timm model's pretrained_cfg) | auto (model with init=)
 
 
+DEFAULT_OPTIMIZER = "muon"
+
+
 @dataclass
 class OptimConfig:
-    optimizer: str = "muon"  # muon | lamb | sgd (Nesterov) | adamw | ranger (Lookahead + RAdam): recipes.OPTIMIZERS
+    optimizer: str = DEFAULT_OPTIMIZER  # muon | lamb | sgd (Nesterov) | adamw | ranger (Lookahead + RAdam): recipes.OPTIMIZERS
     lr: float = 0.0  # peak learning rate per 512 images of global batch (scaled linearly); 0 = the optimizer's default
-    weight_decay: float = 0.05  # unset: the optimizer's default (recipes.OPTIMIZERS)
+    weight_decay: float = recipes.OPTIMIZERS[DEFAULT_OPTIMIZER].weight_decay  # unset: the optimizer's default
     momentum: float = 0.9
     nesterov: bool = True
     schedule: str = "flat_cos"  # flat_cos | cosine | linear | onecycle, after warmup_epochs of linear warmup
