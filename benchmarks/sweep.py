@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         base.setdefault("val_fraction", "0")  # the view's val/ is the held-out split
     print(f"{time.strftime('%Y-%m-%d %H:%M')} {args.data} ({root}), {args.epochs} epochs, seeds {seeds}, "
           f"base {args.config or ''} {args.base}", flush=True)
-    table = []
+    table, stopped = [], ""
     try:
         for name, settings in args.arm:
             runs = []
@@ -118,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
                                       **{**base, **parse_settings(settings), "epochs": args.epochs, "seed": seed,
                                          "progress": False})
                 wall = time.time() - t0
+                if result.stopped != "done":  # a signal (or a time limit) cut it short: not a result
+                    stopped = result.stopped
+                    print(f"  {name} seed {seed}: stopped ({stopped}) after {result.epochs_done} of "
+                          f"{args.epochs} epochs: not recorded; the sweep ends here", flush=True)
+                    break
                 row = {"arm": name, "settings": settings, "seed": seed, "epochs": args.epochs,
                        "final": result.final_val_acc, "best": result.best_val_acc, "wall": wall,
                        "train_seconds": sum(m["seconds"] for m in result.metrics),
@@ -134,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                     with open(args.json, "a") as f:
                         f.write(json.dumps(row) + "\n")
                 shutil.rmtree(out, ignore_errors=True)
-            table.append((name, settings, runs))
+            if runs:
+                table.append((name, settings, runs))
+            if stopped:
+                break
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n{'arm':24s} {'final acc':>16s} {'best acc':>8s} {'wall s':>7s}  settings")
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             acc = np.array([r["at_crop"][f] for r in runs])
             se = acc.std(ddof=1) / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
             print(f"{f'  eval_crop={f}':24s} {acc.mean():.4f} +- {se:.4f}")
-    return 0
+    return 130 if stopped == "interrupted" else 1 if stopped else 0
 
 
 if __name__ == "__main__":

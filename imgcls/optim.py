@@ -71,10 +71,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
     from imgcls.recipes import OPTIMIZERS
 
-    name = OPTIMIZERS[cfg.optimizer].timm_name
+    entry = OPTIMIZERS[cfg.optimizer]
+    name = entry.timm_name
     if name == "sgd" and not cfg.nesterov:
         name = "momentum"  # timm: sgd = Nesterov momentum, momentum = plain momentum
-    kwargs = {"momentum": cfg.momentum} if name in ("sgd", "momentum") else {}
+    kwargs = {**entry.options, **({"momentum": cfg.momentum} if name in ("sgd", "momentum") else {})}
     if cfg.lr_backbone != 1 or cfg.freeze_epochs:  # head and backbone apart (only then: old state.pt files keep 2 groups)
         from imgcls import finetune
 

@@ -65,6 +65,8 @@ def test_every_optimizer_builds_and_steps_with_decay_only_on_weights(name):
     decays = sorted(g["weight_decay"] for g in opt.param_groups)
     assert decays == [0.0, cfg.weight_decay]
     assert all(p.ndim > 1 for g in opt.param_groups if g["weight_decay"] for p in g["params"])
+    options = recipes.OPTIMIZERS[name].options  # e.g. Muon's ns_steps
+    assert all(g[key] == value for g in opt.param_groups for key, value in options.items())
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "flat_cos", "linear", "onecycle"])
@@ -134,3 +136,22 @@ def test_no_flags_and_the_shipped_presets_train_with_the_recipe(preset):
     named = preset and preset.split("-")[-1].removesuffix(".yaml")  # food11-strong.yaml: the strong preset
     assert cfg.aug.aug == (named if named in ("light", "strong") else recipes.aug_for(cfg.run.epochs))
     assert recipes.model_for(32) == "resnet18s2" and recipes.model_for(64) == "resnet18d"  # stride 2 below 64 px
+
+
+def test_a_sweep_records_only_runs_that_finished(food11_tiny, tmp_path, capsys):
+    """A run cut short (a signal, or here time_limit=) is no result: the sweep ends there, without its row."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import sweep
+    finally:
+        sys.path.pop(0)
+    log = tmp_path / "sweep.jsonl"
+    base = " ".join(s for s in FAST if not s.startswith("epochs="))
+    rc = sweep.main(["--data", str(food11_tiny), "--epochs", "2", "--base", base, "--json", str(log),
+                     "--arm", "whole", "", "--arm", "cut", "time_limit=1s", "--arm", "after", ""])
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert rc == 1 and [(r["arm"], len(r["curve"])) for r in rows] == [("whole", 2)]
+    out = capsys.readouterr().out
+    assert "cut seed 0: stopped (time_limit)" in out and "after seed" not in out
