@@ -128,7 +128,7 @@ def test_no_flags_and_the_shipped_presets_train_with_the_recipe(preset):
     root = Path(__file__).resolve().parents[1]
     cfg = config.resolve(file=root / preset if preset else None)
     size = cfg.data.image_size
-    optimizer = "muon" if preset in (None, "configs/food11.yaml") else "lamb"  # muon is measured on food-10 (5 and 20 epochs) only
+    optimizer = "muon" if preset in (None, "configs/food11.yaml", "configs/tiny-imagenet.yaml") else "lamb"  # measured there
     assert (cfg.optim.optimizer, cfg.optim.schedule, cfg.optim.ema) == (optimizer, "flat_cos", "auto")
     assert cfg.optim.lr == recipes.OPTIMIZERS[optimizer].lr
     assert cfg.optim.weight_decay == recipes.OPTIMIZERS[optimizer].weight_decay
