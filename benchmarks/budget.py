@@ -167,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "imgcls-budget")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    from imgcls import config, malloc
+    from imgcls import config, process
 
-    malloc.keep_freed_memory()
+    process.keep_freed_memory()
     task, epochs_list = TASKS[args.task], [int(e) for e in args.epochs.split(",")]
     seeds, rows = [int(s) for s in args.seeds.split(",")], args.rows.split(",")
     row_epochs = per_row(p, "--row-epochs", args.row_epochs, rows, epochs_list, allowed=epochs_list)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 CHECK = """
 import json, sys, imgcls
-from imgcls.malloc import keep_freed_memory
+from imgcls.process import keep_freed_memory
 keep_freed_memory()  # as the command line does, and the real run below
 r = imgcls.check(sys.argv[1], config=sys.argv[2], verbose=False, progress=False,
                  **dict(kv.split("=", 1) for kv in sys.argv[3:]))

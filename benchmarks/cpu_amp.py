@@ -1,7 +1,7 @@
 """Training-step throughput on the CPU: fp32 vs channels_last vs channels_last + bf16 autocast.
 
 What `imgcls/hardware.py` decides from: on the CPU, amp=auto is off and channels_last=auto is on.
-One train step = forward, loss, backward and an SGD step on a random batch, as `Trainer.train_step` runs it.
+One train step = forward, loss, backward and an SGD step on a random batch, as `trainer.model_step` runs it.
 Images/s is the median of `--repeats` timings of `--steps` steps each, after 2 warm-up steps.
 `--compile` adds bf16 channels_last under torch.compile (inductor's C++ backend, as `compile=true`
 runs the model on the CPU) and prints the seconds its first step took: the compile a run pays once.

@@ -6,10 +6,10 @@
 
 Prints a header (date, commit, device, torch), then per model and size (configs/tiny-imagenet.yaml
 with epochs=--epochs, the cache at that size):
-  - train img/s end to end: Trainer.train_step (cache rows -> augmentation on the device -> step)
+  - train img/s end to end: trainer.train_step (cache rows -> augmentation on the device -> step)
     over whole epochs, clock read after torch.cuda.synchronize(); median of the epochs after the
     first (which pays cudnn's autotuning), or the only one;
-  - step img/s: Trainer.model_step alone on synthetic tensors already on the device (same batch,
+  - step img/s: trainer.model_step alone on synthetic tensors already on the device (same batch,
     precision, memory format, optimizer); median of 3 timings. ratio = train / step: how much of
     the model's speed the data path keeps (goal >= 95%);
   - peak GPU memory (torch.cuda.max_memory_allocated, the image cache included) and val_acc after
@@ -47,8 +47,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import imgcls  # noqa: E402
-from imgcls import api, augment, config, data as datalib, distributed, hardware, layouts  # noqa: E402
-from imgcls.trainer import Trainer, place_images  # noqa: E402
+from imgcls import api, augment, config, data as datalib, distributed, hardware, layouts, trainer, training  # noqa: E402
 
 TINY_CONFIG = REPO / "configs" / "tiny-imagenet.yaml"
 QUICK = {"models": ["tinycnn:8"], "sizes": [16, 32], "epochs": 2, "synthetic_steps": 4,  # 5 steps per epoch
@@ -64,8 +63,11 @@ def sync(device: torch.device) -> None:
 
 def commit() -> str:
     def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    head = git("rev-parse", "--short", "HEAD") or "?"
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO).stdout.strip()
+        except OSError:  # no git on the machine (a device image): the commit comes from $COMMIT
+            return ""
+    head = git("rev-parse", "--short", "HEAD") or os.environ.get("COMMIT", "?")
     return head + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
@@ -144,10 +146,10 @@ class Bench:
         self.preps: dict[tuple, datalib.Prepared] = {}  # one layout read and cache check per cache size
 
     def cfg(self, **overrides):
-        return api.resolve_config(self.data, self.config, {**self.base, **overrides})
+        return api.resolve_config(self.data, self.config, {**self.base, **overrides}).cfg
 
     def train(self, *, synthetic: bool = False, **overrides) -> dict:
-        """Train with the recipe (+ overrides) through the Trainer, timing each epoch honestly."""
+        """Train with the recipe (+ overrides) through the training loop's own pieces, timing each epoch honestly."""
         started = time.perf_counter()
         cfg = self.cfg(**overrides)
         key = (config.cache_size(cfg.data), cfg.data.resize, cfg.data.val_fraction, cfg.run.seed)
@@ -156,46 +158,46 @@ class Bench:
         if hw.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(hw.device)
-        trainer = Trainer(cfg, prep, prep.rows, hw, distributed.Ranks())
-        trainer.images = place_images(prep, hw, cfg.run.data_on_device)
-        rates, m = [], {}
-        while not trainer.finished:
+        images = hardware.place_cache(prep.images, hw, cfg.run.data_on_device)
+        settled = training.Settled(cfg, training.schedule_of(cfg, len(prep.rows["train"])))
+        loop = training.new_loop(settled, prep, prep.rows, images, hw, distributed.Ranks())
+        state, rates, m = loop.state, [], {}
+        while state.epoch < loop.schedule.epochs:
             sync(hw.device)
             t0 = time.perf_counter()
-            for rows in trainer.batches():
-                trainer.train_step(rows)
-            trainer.check_finite()
+            for rows in trainer.epoch_batches(state, loop.train_rows, loop.schedule, cfg):
+                trainer.train_step(state, loop.batch, rows, schedule=loop.schedule, cfg=cfg, timer=loop.timer)
+            training.check_finite(loop)
             sync(hw.device)
-            rates.append(trainer.sums["seen"] / (time.perf_counter() - t0))
-            m, _ = trainer.end_epoch()
-        images = trainer.images
+            rates.append(state.sums["seen"] / (time.perf_counter() - t0))
+            m, _ = training.end_epoch(loop)
         out = {"train": statistics.median(rates[1:] or rates), "epochs": len(rates), "val_acc": m["val_acc"],
                "skipped": m.get("skipped_steps"), "hw": hw, "batch": cfg.run.batch_size,
                "cache_on": images.device.type, "pinned": hw.device.type == "cuda" and images.device.type == "cpu"
                and images.is_pinned()}
         if synthetic:
-            out["step"] = model_step_rate(trainer, steps=self.quick["synthetic_steps"] if self.quick else 20)
+            out["step"] = model_step_rate(loop, steps=self.quick["synthetic_steps"] if self.quick else 20)
         out["peak"], out["seconds"] = peak_memory(hw.device), time.perf_counter() - started
-        del trainer
+        del loop, state
         return out
 
 
-def model_step_rate(trainer: Trainer, *, steps: int, repeats: int = 3) -> float:
-    """img/s of Trainer.model_step alone on one synthetic batch already on the device."""
-    hw, b, size = trainer.hw, trainer.batch_size, trainer.size
+def model_step_rate(loop: training.Loop, *, steps: int, repeats: int = 3) -> float:
+    """img/s of trainer.model_step alone on one synthetic batch already on the device."""
+    hw, b, size, cfg = loop.hw, loop.schedule.batch_size, loop.schedule.size(loop.schedule.epochs - 1), loop.cfg
     g = torch.Generator(device=hw.device).manual_seed(0)
     x = torch.randn(b, 3, size, size, device=hw.device, generator=g).contiguous(memory_format=hw.memory_format)
-    labels = torch.randint(0, trainer.num_classes, (b,), device=hw.device, generator=g)
-    targets = augment.one_hot(labels, trainer.num_classes, trainer.cfg.optim.label_smoothing)
-    trainer.model.train()
+    labels = torch.randint(0, loop.batch.num_classes, (b,), device=hw.device, generator=g)
+    targets = augment.one_hot(labels, loop.batch.num_classes, cfg.optim.label_smoothing)
+    loop.state.model.train()
     for _ in range(3):  # warm-up: cudnn autotuning, allocator
-        trainer.model_step(x, targets)
+        trainer.model_step(loop.state, x, targets, cfg)
     rates = []
     for _ in range(repeats):
         sync(hw.device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            trainer.model_step(x, targets)
+            trainer.model_step(loop.state, x, targets, cfg)
         sync(hw.device)
         rates.append(b * steps / (time.perf_counter() - t0))
     return statistics.median(rates)

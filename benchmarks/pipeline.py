@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgcls import augment, config, data, hardware, malloc
+from imgcls import augment, config, data, hardware, process
 
 # The aug section of configs/food11.yaml: what a food-11 run does by default.
 FOOD11_AUG = ["crop_scale=0.25,1.0", "hflip=0.5", "brightness=0.2", "contrast=0.2", "saturation=0.2"]
@@ -158,12 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers (default: all cores)")
     p.add_argument("--components", action="store_true", help="also time each augmentation step against kornia")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc settings as they are "
-                   "(imgcls's command line calls malloc.keep_freed_memory)")
+                   "(imgcls's command line calls process.keep_freed_memory)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="imgcls settings (default: the food11 aug)")
     args = p.parse_args(argv)
 
     if not args.default_malloc:
-        malloc.keep_freed_memory()  # as `imgcls` does; before the DataLoader forks, so its workers get it too
+        process.keep_freed_memory()  # as `imgcls` does; before the DataLoader forks, so its workers get it too
     cfg = config.resolve(overrides=[f"image_size={args.size}", "cache_dir=", *FOOD11_AUG, *args.overrides])
     device = hardware.resolve(config.RunConfig(device=args.device)).device
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import imgcls
-from imgcls import config, data, malloc
+from imgcls import config, data, process
 
 
 def parse_settings(text: str) -> dict[str, str]:
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-crops", default="", help="comma-separated eval_crop fractions to score the final weights at")
     p.add_argument("--json", type=Path, help="append one JSON line per run")
     args = p.parse_args(argv)
-    malloc.keep_freed_memory()
+    process.keep_freed_memory()
     seeds = [int(s) for s in args.seeds.split(",")]
     sizes = [int(s) for s in args.eval_sizes.split(",") if s]
     crops = [float(f) for f in args.eval_crops.split(",") if f]

@@ -8,7 +8,7 @@ images (a stratified part of the labelled training images; tiny-imagenet's test 
 given) after every epoch, as timm's train.py does.
 
   (a) imgcls: `config.resolve` -> `data.prepare` (decodes every image once into a fresh uint8
-      cache; its time is part of imgcls's wall time and is also shown alone) -> `training.fit`.
+      cache; its time is part of imgcls's wall time and is also shown alone) -> `run.run`.
   (b) timm: `timm.data.create_dataset` on an ImageFolder view (symlinks under /tmp) of the same
       images, `create_loader` (train.py's defaults: prefetcher on, num_workers = cores) with
       `create_transform`'s train/eval transforms, `create_optimizer_v2`, `CosineLRScheduler`
@@ -19,7 +19,7 @@ By default both sides use the same precision and memory format: bf16 autocast wh
 amp=auto turns it on (CUDA, and CPUs with AMX/AVX512_BF16; `--amp off` for fp32) and channels_last.
 timm's train.py defaults to neither: `--timm-amp off --timm-channels-last off` runs timm's side as
 a user who runs train.py without those flags gets it, against imgcls's defaults. The imgcls command
-line also keeps freed memory in its process (`malloc.keep_freed_memory`, glibc's malloc settings);
+line also keeps freed memory in its process (`process.keep_freed_memory`, glibc's malloc settings);
 by default timm's side runs first without it and imgcls's after it is set, as the two programs would
 run (`--keep-freed-memory both|none` to give both sides the same). Besides the figures of each side it
 prints where the wall time went: imgcls's data/model/eval seconds from its metrics.jsonl, and for
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcls import config, data, layouts, malloc
+from imgcls import config, data, layouts, process, run
 
 # torch, timm and imgcls.train (which imports torch) are imported inside the functions: the cache
 # build starts its decoding workers with `spawn`, which re-imports this file in each worker, and a
@@ -151,7 +151,6 @@ def read_all(view: Path) -> None:
 # --- (a) imgcls ---------------------------------------------------------------------------------
 
 def run_imgcls(view: Path, r: Recipe, work: Path) -> Outcome:
-    from imgcls import training
 
     overrides = {
         "model": r.model, "width": r.width, "image_size": r.size, "epochs": r.epochs, "batch_size": r.batch,
@@ -162,10 +161,10 @@ def run_imgcls(view: Path, r: Recipe, work: Path) -> Outcome:
         "eval_batch_size": r.eval_batch, "cache_dir": str(work / "cache"), "progress": False,
     }
     t0 = time.perf_counter()
-    cfg = config.resolve(overrides=overrides)
-    prep = data.prepare(view, cfg, progress=False)  # a fresh cache_dir: always a real build
+    resolved = config.resolve_given(overrides=overrides)
+    prep = data.prepare(view, resolved.cfg, progress=False)  # a fresh cache_dir: always a real build
     prepared = time.perf_counter() - t0
-    result = training.fit(cfg, prep, work / "imgcls-run")
+    result = run.run(run.spec_for(view, work / "imgcls-run", resolved, report=False), prep=prep)
     wall = time.perf_counter() - t0
     parts = {k: sum(m[f"{k}_seconds"] for m in result.metrics) for k in ("data", "model", "eval")}
     return Outcome("imgcls", wall, prepared, len(prep.rows["train"]), result.epochs_done, result.final_val_acc,
@@ -304,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=cores, help="timm DataLoader workers (train.py: --workers)")
     p.add_argument("--only", choices=["imgcls", "timm"], help="run one side (for profiling)")
     p.add_argument("--keep-freed-memory", choices=["imgcls", "both", "none"], default="imgcls",
-                   help="who runs with malloc.keep_freed_memory(), which the imgcls command line calls for its "
+                   help="who runs with process.keep_freed_memory(), which the imgcls command line calls for its "
                         "process (imgcls: timm's side runs first, with glibc's malloc as it comes, then imgcls's)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
@@ -340,12 +339,12 @@ def main(argv: list[str] | None = None) -> int:
         read_all(view)
         outcomes = {}
         if args.keep_freed_memory == "both":
-            malloc.keep_freed_memory()
+            process.keep_freed_memory()
         if args.only in (None, "timm"):  # first: the malloc settings, once made, stay for the process
             outcomes["timm"] = run_timm(view, recipe, work, workers=args.workers)
         if args.only in (None, "imgcls"):
             if args.keep_freed_memory == "imgcls":
-                malloc.keep_freed_memory()
+                process.keep_freed_memory()
             outcomes["imgcls"] = run_imgcls(view, recipe, work)
         outcomes = [outcomes[k] for k in ("imgcls", "timm") if k in outcomes]
     finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -48,37 +47,25 @@ def _epoch_logger(log: Callable[[str], None]) -> Callable[[dict], None]:
 def resolve_config(data: str | Path | None, config: str | Path | None = None, overrides: dict[str, Any] | None = None,
                    *, defaults: dict[str, Any] | None = None):
     """Settings for a dataset: `defaults` (else the layout's, e.g. 128 px for food-11) <- the YAML file
-    `config` <- `overrides` (key -> value, as key=value on the command line)."""
+    `config` <- `overrides` (key -> value, as key=value on the command line). Returns config.Resolved:
+    the Config and the keys that were given."""
     from imgcls import config as configs, layouts
 
     if defaults is None and data and Path(data).expanduser().is_dir():
         defaults = LAYOUT_DEFAULTS[layouts.detect(Path(data).expanduser())]
-    return configs.resolve(defaults=defaults or {}, file=config, overrides=dict(overrides or {}))
+    return configs.resolve_given(defaults=defaults or {}, file=config, overrides=dict(overrides or {}))
 
 
 def _hardware(cfg, log: Callable[[str], None]):
-    """The run's hardware.Hardware, resolved before the cache is decoded: a GPU this torch cannot run is
-    refused here (UserError), and a setting it changes (compile=true on a GPU Triton cannot run) is logged."""
+    """A command's hardware.Hardware, resolved before the cache is decoded: a GPU this torch cannot run is
+    refused here (UserError), and a setting it changes (compile=true on a GPU Triton cannot run) is logged.
+    (A single run resolves its own: run.run.)"""
     from imgcls import hardware
 
     hw = hardware.resolve(cfg.run)
     for note in hw.notes:
         log(note)
     return hw
-
-
-def _auto_report(run_dir: Path):
-    """The report at the end of train and cv: the run is on disk already, so a failure here only warns.
-    Returns (reporting.Report or None, the warning or None)."""
-    from imgcls import reporting
-
-    try:
-        return reporting.write(run_dir), None
-    except Exception as e:  # noqa: BLE001 - never lose a finished run to a plot
-        message = (f"the report could not be written ({type(e).__name__}: {e}); the run itself is complete. "
-                   f"Retry with: imgcls report {run_dir}")
-        warnings.warn(message, stacklevel=3)
-        return None, message
 
 
 # --- inspect ---------------------------------------------------------------------------------------
@@ -109,7 +96,7 @@ def inspect(data: str | Path, *, config: str | Path | None = None, **overrides) 
     from imgcls import cache, config as configs, data as datalib, layouts
 
     ds = layouts.read(data)
-    cfg = resolve_config(data, config, overrides)
+    cfg = resolve_config(data, config, overrides).cfg
     samples, split_of = datalib.flatten(ds)
     built = cache.build([s.path for s in samples], size=configs.cache_size(cfg.data),
                         resize=cfg.data.resize, cache_dir=cfg.data.cache_dir, workers=cfg.data.decode_workers,
@@ -122,53 +109,35 @@ def inspect(data: str | Path, *, config: str | Path | None = None, **overrides) 
 # --- train ---------------------------------------------------------------------------------------
 
 def train(data: str | Path, out: str | Path, *, config: str | Path | None = None, verbose: bool = True,
-          _job: bool = False, **overrides):
+          **overrides):
     """Train a model into the run directory `out` and write its submission and report; returns a
     TrainResult. With seeds=(1, 2, 3): one run per seed in out/seed-<s>/, returns a RepeatsResult.
     A second call with the same `out` resumes it from its state.pt (resume=RUN: from another run).
-    Under torchrun every process calls this; rank 0 writes the run. `_job`: a child of a seeds= run."""
-    started = time.time()  # time_limit= counts from here: decoding the cache is part of the session
-    from imgcls import config as configs, data as datalib, distributed, finetune, repeats, training
+    Under torchrun every process calls this; rank 0 writes the run. time_limit= counts from this call:
+    decoding the cache is part of the session."""
+    started = time.time()
+    from imgcls import config as configs, distributed, planning, repeats, rundir, run
 
     log = _logger(verbose)
-    cfg = resolve_config(data, config, overrides)
-    if cfg.run.seeds:
+    resolved = resolve_config(data, config, overrides)
+    budget = planning.Budget.of(resolved.cfg.run.time_limit, started)
+    if resolved.cfg.run.seeds:
         world = distributed.from_env()[1]
         if world > 1:
             raise UserError(f"seeds= runs whole trainings one after another (or one per GPU by itself); it does not "
                             f"combine with torchrun's {world} processes. Start `imgcls train ... seeds=...` without "
                             "torchrun, or train each seed=N with torchrun separately.")
-        _hardware(cfg, log)
-        return repeats.run_seeds(data, out, cfg, log=log, on_epoch=_epoch_logger(log), job=_job)
-    source = training.resume_source(cfg, out)
+        return repeats.run_seeds(data, out, resolved, budget=budget, log=log, on_epoch=_epoch_logger(log))
+    source = rundir.resume_source(resolved.cfg, out)
     if source and (source / "config.yaml").is_file():
         # The run's own settings, so `--out RUN resume=RUN` alone continues it; settings given now apply on top.
-        cfg = configs.resolve(defaults=configs.load_yaml(source / "config.yaml"), file=config, overrides=overrides)
+        resolved = configs.resolve_given(defaults=configs.load_yaml(source / "config.yaml"), file=config,
+                                         overrides=overrides)
+        budget = planning.Budget.of(resolved.cfg.run.time_limit, started)
         given = " ".join(f"{k}={v}" for k, v in overrides.items())
         log(f"resuming from {source / 'state.pt'} with the settings in {source / 'config.yaml'}"
             f"{' and ' + given if given else ''}")
-    ranks = distributed.init(_hardware(cfg, log).device)  # no process group without torchrun
-    t_cache = time.time()
-    with distributed.node_leader_first(ranks):  # one process per machine decodes; the others then reuse it
-        prep = datalib.prepare(data, cfg, progress=cfg.run.progress and ranks.is_main)
-    log(prep.dataset.describe())
-    log(f"cache: {prep.cache_path} ({'built' if prep.cache_built else 'reused'} in {time.time() - t_cache:.1f}s)")
-    if prep.before_subset:
-        log(datalib.subset_line(prep, cfg))
-    if prep.skipped:
-        log(f"skipped {len(prep.skipped)} unreadable training image(s):")
-        for path, why in prep.skipped.items():
-            log(f"  {path}: {why}")
-    if cfg.model.init and prep.dataset.layout == "food-11":
-        log(f"warning: init={cfg.model.init}: {finetune.RULES}.")
-    try:
-        result = training.fit(cfg, prep, out, on_epoch=_epoch_logger(log), log=log, started=started, ranks=ranks)
-        ranks.barrier()  # rank 0 alone writes logits and submission after the last epoch: tear down together
-    finally:
-        distributed.shutdown(ranks)
-    if result.stopped != "interrupted" and ranks.is_main:
-        result.report, result.report_error = _auto_report(result.run_dir)
-    return result
+    return run.run(run.spec_for(data, out, resolved, budget=budget, source=source), log=log, on_epoch=_epoch_logger(log))
 
 
 # --- check ----------------------------------------------------------------------------------------
@@ -184,8 +153,8 @@ def check(data: str | Path, *, config: str | Path | None = None, out: str | Path
     from imgcls import checking
 
     log = _logger(verbose)
-    cfg = resolve_config(data, config, overrides)
-    return checking.run_check(data, cfg, out=out, tta=tta, tta_weight=tta_weight, tta_views=tta_views, steps=steps,
+    resolved = resolve_config(data, config, overrides)
+    return checking.run_check(data, resolved, out=out, tta=tta, tta_weight=tta_weight, tta_views=tta_views, steps=steps,
                             log=log, on_epoch=_epoch_logger(log))
 
 
@@ -193,27 +162,31 @@ def check(data: str | Path, *, config: str | Path | None = None, out: str | Path
 
 def cv(data: str | Path, out: str | Path, *, folds: int | None = None, fold: int | list[int] | None = None,
        refit: bool = False, submit: str | None = None, config: str | Path | None = None, verbose: bool = True,
-       _job: bool = False, **overrides):
+       **overrides):
     """K-fold cross validation over train + validation merged: one run per fold in out/fold-k/, the
     out-of-fold predictions, cv.json and the fold-mean submission; returns a CvResult. `folds`: K
     (default 5, or the K an earlier call saved in `out`); `fold`: train only these folds. A second
     call trains only the folds that have not finished, with the first call's settings. `refit`: then
     a final fit on every labelled image for the folds' mean best epoch count (out/refit/);
-    `submit="folds"|"refit"`: which out/submission.csv is (default: the refit's when there is one)."""
-    from imgcls import crossval, distributed
+    `submit="folds"|"refit"`: which out/submission.csv is (default: the refit's when there is one).
+    time_limit= is for the whole call: the folds (and the refit) share it."""
+    started = time.time()
+    from imgcls import crossval, distributed, planning
 
     if distributed.from_env()[1] > 1:
         raise UserError("imgcls cv does not run under torchrun: start it directly; with several GPUs it trains "
                         "one fold per GPU by itself.")
     log = _logger(verbose)
     out = Path(out)
-    cfg = crossval.settings(out, lambda defaults: resolve_config(data, config, overrides, defaults=defaults))
-    _hardware(cfg, log)
+    resolved = crossval.settings(out, lambda defaults: resolve_config(data, config, overrides, defaults=defaults))
+    _hardware(resolved.cfg, log)
     only = [fold] if isinstance(fold, int) else fold
-    result = crossval.run_cv(data, out, cfg, folds=folds, only=only, log=log, on_epoch=_epoch_logger(log), job=_job,
-                              refit=refit, submit=submit)
+    result = crossval.run_cv(data, out, resolved, budget=planning.Budget.of(resolved.cfg.run.time_limit, started),
+                             folds=folds, only=only, log=log, on_epoch=_epoch_logger(log), refit=refit, submit=submit)
     if result.summary:
-        result.report, result.report_error = _auto_report(out)
+        from imgcls import run
+
+        result.report, result.report_error = run.auto_report(out)
     return result
 
 
@@ -255,7 +228,7 @@ def render_preview(data: str | Path, out: str | Path, *, views: int = 8, images:
 
     if views < 1 or images < 1:
         raise UserError(f"--views and --images must be at least 1, got --views {views} --images {images}.")
-    cfg = resolve_config(data, config, overrides)
+    cfg = resolve_config(data, config, overrides).cfg
     prep = datalib.prepare(data, cfg, progress=cfg.run.progress)
     shown = previewing.render(prep, cfg, views=views, images=images)
     previewing.save(shown, out)
@@ -283,4 +256,4 @@ def demo(out: str | Path, *, verbose: bool = True, **overrides):
     from imgcls import digits
 
     log = _logger(verbose)
-    return digits.run(Path(out), overrides=overrides, on_epoch=_epoch_logger(log))
+    return digits.train_demo(Path(out), overrides=overrides, log=log, on_epoch=_epoch_logger(log))

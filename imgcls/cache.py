@@ -198,9 +198,8 @@ def build(paths: list[Path], *, size: int, resize: str = "squash", cache_dir: st
         raise
     finally:
         bar.close()
-    meta_tmp = tmpfiles.temp_path(meta_file)
-    meta_tmp.write_text(json.dumps({"version": CACHE_VERSION, "size": size, "resize": resize, "count": len(paths),
-                                    "failed": {str(k): v for k, v in sorted(failed.items())}}))
-    os.replace(meta_tmp, meta_file)
+    tmpfiles.write_text(meta_file, json.dumps({"version": CACHE_VERSION, "size": size, "resize": resize,
+                                               "count": len(paths),
+                                               "failed": {str(k): v for k, v in sorted(failed.items())}}))
     os.replace(tmp, file)  # atomic, and last: a half-built cache is never mistaken for a whole one
     return Cache(np.load(file, mmap_mode="r"), failed, file, built=True)

@@ -3,9 +3,9 @@
 background run; CSE 144's "see if your model can fit into the GPU memory").
 
 It calls the code the real run calls, on the real data: the layout checks and the cache
-(data.prepare: the real run reuses the cache it builds), then training.fit on a few images - the real
+(data.prepare: the real run reuses the cache it builds), then run.run on a few images - the real
 model, augmentation, optimizer and batch size - for one epoch of `steps` steps, which scores,
-checkpoints and writes its submission; fit again for a second epoch, which resumes from that
+checkpoints and writes its submission; run again for a second epoch, which resumes from that
 state.pt; ensemble.predict_runs with the TTA the user will pass to predict; reporting.write. Any
 UserError those raise is the message the real run would stop with. From the second (warm) epoch it
 estimates what the real run costs on this machine; on a GPU the peak memory is torch's own count.
@@ -17,7 +17,6 @@ does not decode again.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import tempfile
 import time
@@ -29,11 +28,12 @@ import numpy as np
 import torch
 
 from imgcls import (config, data as datalib, distributed, ensemble, finetune, hardware, inference, layouts, optim,
-                    reporting, training)
+                    planning, reporting, run, rundir)
 from imgcls.config import Config
 from imgcls.data import Prepared
 from imgcls.errors import UserError
 from imgcls.models import create_model
+from imgcls.optim import Schedule
 
 CPU_VAL_IMAGES = 16  # validation images scored on a CPU: enough to time evaluation, few enough for seconds
 TEST_IMAGES = 8  # test images predicted with the TTA views and written as the check's submission
@@ -156,15 +156,12 @@ def miniature(prep: Prepared, *, train: int, val: int, test: int, seed: int) -> 
 
 def plans(cfg: Config) -> tuple[Config, Config]:
     """The settings of the check's two fits: the user's, but 2 epochs (the first alone, then resumed),
-    no time limit, resume= or seeds=, with what changes over a real run's epochs crowded into them:
-    epoch 1 frozen (freeze_epochs=) and at the first progressive size, epoch 2 at full size, unfrozen
-    and, with mix_off_epochs=, unmixed."""
-    base = copy.deepcopy(cfg)
-    base.run.time_limit, base.run.resume, base.run.seeds = "", "", ()
-    base.optim.freeze_epochs = min(cfg.optim.freeze_epochs, 1)
-    first, second = copy.deepcopy(base), copy.deepcopy(base)
-    first.run.epochs, first.aug.mix_off_epochs = 1, 0
-    second.run.epochs, second.aug.mix_off_epochs, second.data.prog_end = 2, min(cfg.aug.mix_off_epochs, 1), 0.5
+    no time limit or seeds=, with what changes over a real run's epochs crowded into them: epoch 1 frozen
+    (freeze_epochs=) and at the first progressive size, epoch 2 at full size, unfrozen and, with
+    mix_off_epochs=, unmixed. The second continues the first on purpose (resume=)."""
+    base = config.with_values(cfg, time_limit="", resume="", seeds=(), freeze_epochs=min(cfg.optim.freeze_epochs, 1))
+    first = config.with_values(base, epochs=1, mix_off_epochs=0)
+    second = config.with_values(base, epochs=2, mix_off_epochs=min(cfg.aug.mix_off_epochs, 1), prog_end=0.5)
     return first, second
 
 
@@ -211,15 +208,6 @@ def peak_memory(hw: hardware.Hardware):
 
 # --- the check ----------------------------------------------------------------------------------
 
-def device_words(hw: hardware.Hardware) -> str:
-    import platform
-
-    where = (torch.cuda.get_device_name(hw.device) if hw.device.type == "cuda" else
-             f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(hw.amp, "fp32")
-    return f"{where}, {precision}"
-
-
 def time_eval(run_dir: Path, mini: Prepared, hw: hardware.Hardware) -> tuple[float, int]:
     """(seconds, images): the check's validation images (its test images when nothing is held out)
     scored by the run loaded as predict loads it. Timed on its own: on a GPU the epoch's own
@@ -234,12 +222,12 @@ def time_eval(run_dir: Path, mini: Prepared, hw: hardware.Hardware) -> tuple[flo
     return time.perf_counter() - t0, len(rows)
 
 
-def run_check(data: str | Path, cfg: Config, *, out: str | Path | None = None, tta: int = 0,
+def run_check(data: str | Path, resolved: config.Resolved, *, out: str | Path | None = None, tta: int = 0,
               tta_weight: float = inference.TTA_WEIGHT, tta_views: str = "fixed", steps: int = 1,
               log: Callable[[str], None] = lambda text: None,
               on_epoch: Callable[[dict], None] | None = None) -> CheckResult:
-    """Every stage of `imgcls train` + `imgcls predict --tta` with `cfg`, on a few of data's images."""
-    t0 = time.perf_counter()
+    """Every stage of `imgcls train` + `imgcls predict --tta` with these settings, on a few of data's images."""
+    t0, cfg = time.perf_counter(), resolved.cfg
     if distributed.from_env()[1] > 1:
         raise UserError("imgcls check runs in one process: start it without torchrun.")
     if steps < 1:
@@ -250,9 +238,9 @@ def run_check(data: str | Path, cfg: Config, *, out: str | Path | None = None, t
             inference.check_tta(tta, tta_weight, tta_views)
             folder, kept = out_folder(out, stack)
             if cfg.run.resume:
-                detail.append(f"resume={cfg.run.resume} holds {training.resume_source(cfg, folder / 'run') / 'state.pt'}")
+                detail.append(f"resume={cfg.run.resume} holds {rundir.resume_source(cfg, folder / 'run') / 'state.pt'}")
             hw = hardware.resolve(cfg.run)
-            detail.append(device_words(hw))
+            detail.append(hardware.describe(hw))
         with stages.stage("model") as detail:
             detail.append(check_model(data, cfg))
         with stages.stage("data") as detail:
@@ -268,11 +256,13 @@ def run_check(data: str | Path, cfg: Config, *, out: str | Path | None = None, t
                          test=TEST_IMAGES, seed=cfg.run.seed)
         first, second = plans(cfg)
         run_dir = folder / "run"
+        fit = lambda c: run.run(run.spec_for(data, run_dir, config.Resolved(c, resolved.given), report=False),  # noqa: E731
+                                prep=mini, log=log, on_epoch=on_epoch)
         with stages.stage("train") as detail, peak_memory(hw) as memory:
-            training.fit(first, mini, run_dir, on_epoch=on_epoch, log=log)
+            fit(first)
             detail.append(f"{steps} step(s) of {cfg.run.batch_size} images, evaluation, checkpoint, submission")
         with stages.stage("resume") as detail:
-            resumed = training.fit(second, mini, run_dir, on_epoch=on_epoch, log=log)
+            resumed = fit(config.with_values(second, resume=str(run_dir)))
             detail.append(f"from {run_dir / 'state.pt'}: epoch {resumed.epochs_done} of 2")
         with stages.stage("predict") as detail:
             eval_seconds, eval_images = time_eval(run_dir, mini, hw)  # the run loaded as predict loads it
@@ -290,12 +280,11 @@ def run_check(data: str | Path, cfg: Config, *, out: str | Path | None = None, t
 
 
 def cache_note(prep: Prepared, hw: hardware.Hardware, cfg: Config) -> str:
-    """Where the real run keeps the decoded images (trainer.place_images decides the same way)."""
+    """Where the real run keeps the decoded images (hardware.place_cache)."""
     gb = prep.images.nbytes / 1e9
     if hw.device.type != "cuda":
         return f"the image cache ({gb:.2f} GB) is held in RAM"
-    free, _ = torch.cuda.mem_get_info(hw.device)
-    on_gpu = cfg.run.data_on_device == "true" or (cfg.run.data_on_device == "auto" and prep.images.nbytes < 0.4 * free)
+    on_gpu = hardware.cache_on_gpu(prep.images.nbytes, hw, cfg.run.data_on_device)
     return (f"the image cache ({gb:.2f} GB) goes on the GPU besides the peak above (data_on_device="
             f"{cfg.run.data_on_device})" if on_gpu else f"the image cache ({gb:.2f} GB) stays in pinned RAM")
 
@@ -306,26 +295,22 @@ def estimate(cfg: Config, prep: Prepared, hw: hardware.Hardware, *, warm: dict, 
     already set up): steps and validation per epoch, the epochs, the final predictions."""
     d, b = cfg.data, cfg.run.batch_size
     steps_done = max(1, round(warm["train_images"] / b))
-    # The steps with their augmentation. On a GPU they run ahead of the clock until the epoch's evaluation
-    # waits for them, so there: the epoch's seconds less the evaluation timed on its own.
-    train_s = (warm["seconds"] - eval_seconds if hw.device.type == "cuda" else
-               warm["data_seconds"] + warm["model_seconds"])
-    step_s = max(1e-9, train_s) / steps_done
+    # The steps with their augmentation: the epoch's wall time less its evaluation (on a GPU the step
+    # timer reads the clock after a synchronize: trainer.StepTimer).
+    step_s = max(1e-9, warm["seconds"] - warm["eval_seconds"]) / steps_done
     per_image = eval_seconds / max(1, eval_images)
     n_train, n_val, n_test = (len(prep.rows.get(k, ())) for k in ("train", "val", "test"))
     steps = n_train // b
     epoch_s = steps * step_s + n_val * per_image
     epochs = cfg.run.epochs if isinstance(cfg.run.epochs, int) else None  # epochs=auto: the run plans them
     run_s = None
-    if epochs:
-        sizes = [optim.size_at(e, epochs=epochs, size=d.image_size, scale=d.prog_scale, end=d.prog_end)
-                 for e in range(epochs)]
-        train_s = sum(steps * step_s * (s / d.image_size) ** 2 for s in sizes)  # a step costs about its pixels
-        final_s = (n_val + n_test) * per_image  # finish(): the best weights on validation and test
-        run_s = (train_s + epochs * n_val * per_image + final_s) * max(1, len(cfg.run.seeds))
+    if epochs:  # planning's cost model: a step costs about its pixels; finish() scores validation and test
+        timing = planning.Timing(step_s, d.image_size, n_val * per_image, 0.0, n_val, n_test, 0.0)
+        schedule = Schedule(epochs, steps, b, cfg.optim, d)
+        run_s = (planning.cost(epochs, timing, schedule) + (n_val + n_test) * per_image) * max(1, len(cfg.run.seeds))
     notes = estimate_notes(cfg, prep, hw, epoch_s=epoch_s, run_s=run_s, predict_s=n_test * (1 + tta) * per_image,
                            tta=tta)
-    return Estimate(device_words(hw), b, d.image_size, b / step_s, 1 / max(1e-9, per_image), steps, epoch_s, epochs,
+    return Estimate(hardware.describe(hw), b, d.image_size, b / step_s, 1 / max(1e-9, per_image), steps, epoch_s, epochs,
                     run_s, int(memory.get("bytes", 0)), memory.get("source", "not measured"),
                     int(prep.images.nbytes), notes)
 

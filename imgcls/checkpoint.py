@@ -1,4 +1,4 @@
-"""Checkpoints that cannot run code when loaded, written atomically.
+"""Checkpoints that cannot run code when loaded, written atomically (tmpfiles.write_bytes).
 
 Weights: safetensors (`best.safetensors`, `last.safetensors`). Training state for resume
 (optimizer, EMA, generators, counters): `state.pt`, read only with torch.load(weights_only=True),
@@ -6,10 +6,8 @@ which refuses any pickle that would build arbitrary objects.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
-import os
 import pickle
 import re
 import warnings
@@ -22,34 +20,6 @@ from safetensors.torch import load_file
 
 from imgcls import tmpfiles
 from imgcls.errors import UserError
-
-
-def _atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, fsync, rename. The bytes are made in memory first and
-    written here by Python, so a full disk is an OSError (ENOSPC): torch.save straight to a path reports
-    it as an opaque RuntimeError ("unexpected pos"), and safetensors' save_file may not report it at all."""
-    tmp = tmpfiles.temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: a VM or container killed hard keeps a whole file
-        os.replace(tmp, path)  # a reader never sees half a file, and a crash keeps the previous one
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise UserError(f"The disk is full while writing {path}. Free space there, or write the run "
-                            "to a disk with room (--out).") from None
-        raise
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    _atomic(Path(path), data)
-
-
-def write_text(path: Path, text: str) -> None:
-    """A small text file (config.yaml, manifest.json), written atomically like the checkpoints."""
-    _atomic(Path(path), text.encode())
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -65,7 +35,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    _atomic(Path(path), safetensors.torch.save(tensors, metadata=metadata or {}))
+    tmpfiles.write_bytes(path, safetensors.torch.save(tensors, metadata=metadata or {}))
 
 
 def load_weights(model: nn.Module, path: Path, *, new_head: list[str] = ()) -> list[str]:
@@ -117,7 +87,7 @@ def tensor_shapes(path: Path) -> dict[str, list[int]]:
 def save_state(state: dict, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    _atomic(Path(path), buffer.getvalue())
+    tmpfiles.write_bytes(path, buffer.getvalue())
 
 
 STATE_KEYS = ("model", "optimizer", "epoch", "step")

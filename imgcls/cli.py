@@ -59,9 +59,9 @@ def cmd_train(args) -> int:
     rank, _, _ = distributed.from_env()  # under torchrun (README "Several GPUs"); rank 0 speaks for all
     if rank != 0:
         sys.stdout = open(os.devnull, "w")
-    result = api.train(args.data, args.out, config=args.config, _job=args.train_only, **overrides(args))
+    result = api.train(args.data, args.out, config=args.config, **overrides(args))
     if not hasattr(result, "stopped"):
-        return print_seeds(result, job=args.train_only)
+        return print_seeds(result)
     if result.config and result.config.data.holdout == "none":
         print(f"trained on every labelled image (holdout=none): no validation score; the weights of epoch "
               f"{result.best_epoch} are kept, {result.seconds:.0f}s")
@@ -84,14 +84,12 @@ def cmd_train(args) -> int:
     return 0 if result.stopped != "interrupted" else 130
 
 
-def print_seeds(result, *, job: bool) -> int:
+def print_seeds(result) -> int:
     if result.interrupted:
         return 130
     if result.failed:
         print(f"seed(s) {', '.join(map(str, result.failed))} did not finish; rerun the same command to train only those.")
         return 1
-    if job:
-        return 0
     f, b = result.final_val_acc, result.best_val_acc
     print(f"seeds {','.join(map(str, result.seeds))}: final val_acc {f['mean']:.4f} +- {f['std']:.4f}, "
           f"best val_acc {b['mean']:.4f} +- {b['std']:.4f} (mean +- sample std over {f['n']} runs)")
@@ -126,18 +124,10 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def duration(seconds: float) -> str:
-    """12 s, 15m 20s, 7h 41m."""
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    if seconds < 3600:
-        return f"{int(seconds // 60)}m {int(seconds % 60):02d}s"
-    return f"{int(seconds // 3600)}h {int(seconds % 3600 // 60):02d}m"
-
-
 @command
 def cmd_check(args) -> int:
     from imgcls import api
+    from imgcls.planning import duration
 
     result = api.check(args.data, config=args.config, out=args.out, tta=args.tta, tta_views=args.tta_views,
                        steps=args.steps, **({} if args.tta_weight is None else {"tta_weight": args.tta_weight}),
@@ -167,14 +157,12 @@ def cmd_cv(args) -> int:
 
     out = Path(args.out)
     result = api.cv(args.data, out, folds=args.folds, fold=args.fold, refit=args.refit, submit=args.submit,
-                    config=args.config, _job=args.train_only, **overrides(args))
+                    config=args.config, **overrides(args))
     if result.interrupted:
         return 130
     for f in result.failed:
         print(f"fold {f} did not finish; rerun it alone with:\n"
               f"  imgcls cv {args.data} --out {out} --folds {result.folds} --fold {f}")
-    if args.train_only:
-        return 1 if result.failed else 0
     if result.missing:
         print(f"fold(s) {', '.join(map(str, result.missing))} of {result.folds} are not finished; cv.json is "
               "written once all are.")
@@ -251,56 +239,62 @@ def cmd_preview(args) -> int:
     return 0
 
 
-def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    p = argparse.ArgumentParser(prog="imgcls", description="Train image classifiers from scratch and write "
-                                "correct competition submissions.")
-    p.add_argument("--version", action="version", version=f"imgcls {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class HelpConfig(argparse.Action):  # every key with its default, then exit (like --help)
+    def __call__(self, parser, namespace, values, option_string=None):
+        from imgcls import config
+        print(config.describe())
+        parser.exit()
 
-    class HelpConfig(argparse.Action):  # every key with its default, then exit (like --help)
-        def __call__(self, parser, namespace, values, option_string=None):
-            from imgcls import config
-            print(config.describe())
-            parser.exit()
 
-    def overrides(sp):
-        sp.add_argument("--config", help="YAML file of settings (see configs/)")
-        sp.add_argument("--help-config", nargs=0, action=HelpConfig, help="list every key=value setting and its default")
-        sp.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. epochs=30 lr=0.1")
+def count(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more; got {text}")
+    return int(text)
 
-    sp = sub.add_parser("inspect", help="detect the layout, count images, list unreadable files")
-    sp.add_argument("data")
-    overrides(sp)
-    sp = sub.add_parser("train", help="train a model and write the run directory and submission")
-    sp.add_argument("data")
-    sp.add_argument("--out", required=True, help="run directory")
-    sp.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)  # a child process of seeds=
-    overrides(sp)
-    sp = sub.add_parser("check", help="every stage of a run with these settings on a few images, in seconds, and "
-                        "what the real run would cost on this machine")
-    sp.add_argument("data")
-    sp.add_argument("--out", default=None, help="keep what the check wrote here (default: a temporary folder)")
-    sp.add_argument("--steps", type=int, default=1, metavar="N", help="training steps per check epoch (default 1)")
-    sp.add_argument("--tta", type=int, default=0, metavar="N", help="the --tta you will give imgcls predict")
-    sp.add_argument("--tta-weight", type=float, default=None, metavar="W", help="the --tta-weight of imgcls predict")
-    sp.add_argument("--tta-views", default="fixed", choices=["fixed", "aug"], help="the --tta-views of imgcls predict")
-    overrides(sp)
-    sp = sub.add_parser("predict", help="write a submission from one or more trained runs")
-    sp.add_argument("runs", nargs="+", metavar="RUN")
-    sp.add_argument("--data", required=True)
-    sp.add_argument("--out", required=True, help="submission CSV to write")
-    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    sp.add_argument("--tta", type=int, default=0, metavar="N", help="test-time views besides the plain one; 0 = plain")
+
+def settings_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--config", help="a preset's name (imgcls presets) or a YAML file of settings")
+    sp.add_argument("--help-config", nargs=0, action=HelpConfig, help="list every key=value setting and its default")
+    sp.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. epochs=30 lr=0.1")
+
+
+def tta_args(sp: argparse.ArgumentParser, *, check: bool = False) -> None:
+    sp.add_argument("--tta", type=count, default=0, metavar="N", help="the --tta you will give imgcls predict" if check
+                    else "test-time views besides the plain one; 0 = plain")
     sp.add_argument("--tta-weight", type=float, default=None, metavar="W",
                     help="weight of the plain view: W * p(plain) + (1 - W) * mean over the N views (default 0.5)")
     sp.add_argument("--tta-views", default="fixed", choices=["fixed", "aug"],
                     help="fixed: flips and shifted crops (default, deterministic); aug: the run's training augmentation")
+
+
+def args_train(sp):
+    sp.add_argument("data")
+    sp.add_argument("--out", required=True, help="run directory")
+    settings_args(sp)
+
+
+def args_check(sp):
+    sp.add_argument("data")
+    sp.add_argument("--out", default=None, help="keep what the check wrote here (default: a temporary folder)")
+    sp.add_argument("--steps", type=int, default=1, metavar="N", help="training steps per check epoch (default 1)")
+    tta_args(sp, check=True)
+    settings_args(sp)
+
+
+def args_predict(sp):
+    sp.add_argument("runs", nargs="+", metavar="RUN")
+    sp.add_argument("--data", required=True)
+    sp.add_argument("--out", required=True, help="submission CSV to write")
+    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    tta_args(sp)
     sp.add_argument("--ensemble", default="mean", choices=["mean", "logits", "vote"],
                     help="combine runs: mean of probabilities, mean of logits, or majority vote (ties: summed probability)")
     sp.add_argument("--weights", metavar="W1,W2,...|oof", help="one weight per run (default equal), or oof: fitted "
                     "by log loss on the runs' shared held-out / out-of-fold predictions")
-    sp = sub.add_parser("cv", help="k-fold cross validation over train+val: one run per fold, out-of-fold "
-                        "predictions, fold-ensemble submission")
+
+
+def args_cv(sp):
     sp.add_argument("data")
     sp.add_argument("--out", required=True, help="cv directory (DIR/fold-k/ are run directories)")
     sp.add_argument("--folds", type=int, default=None, metavar="K", help="number of folds (default 5, or the saved K)")
@@ -310,26 +304,63 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
                     "for the folds' mean best epoch count, into DIR/refit/")
     sp.add_argument("--submit", choices=["folds", "refit"], help="DIR/submission.csv from the folds' mean or the refit "
                     "(default: the refit with --refit)")
-    sp.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)  # a child process of a parallel run
-    overrides(sp)
-    sp = sub.add_parser("preview", help="write the eval view and N training views of a few images, and a grid")
+    settings_args(sp)
+
+
+def args_preview(sp):
     sp.add_argument("data")
     sp.add_argument("--out", required=True, help="directory for grid.png and views/")
     sp.add_argument("--views", type=int, default=8, metavar="N", help="training views per image (default 8)")
     sp.add_argument("--images", type=int, default=8, metavar="N",
                     help="training images, one per class in turn (default 8)")
-    overrides(sp)
-    sp = sub.add_parser("models", help="the built-in models: parameters, FLOPs, and training images/s measured here")
+    settings_args(sp)
+
+
+def args_models(sp):
     sp.add_argument("--sizes", default="64,128", help="input sizes in px (default 64,128)")
     sp.add_argument("--no-speed", action="store_true", help="skip the speed measurement (a few seconds per model)")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sp.add_argument("--batch", type=int, default=32, help="batch size of the timed training steps")
-    sp = sub.add_parser("report", help="plots (curves, confusion matrix, per-class accuracy, mistakes) and one "
-                        "self-contained report.html for a run or cv directory")
+
+
+def args_inspect(sp):
+    sp.add_argument("data")
+    settings_args(sp)
+
+
+def args_report(sp):
     sp.add_argument("run", metavar="RUN", help="a run directory (imgcls train --out) or a cv directory (imgcls cv --out)")
-    sp = sub.add_parser("demo", help="train on a small dataset bundled with scikit-learn; no data needed")
+
+
+def args_demo(sp):
     sp.add_argument("--out", required=True)
     sp.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+# command -> (help, the function that adds its arguments), in the order `imgcls --help` lists them
+SUBCOMMANDS = {
+    "inspect": ("detect the layout, count images, list unreadable files", args_inspect),
+    "train": ("train a model and write the run directory and submission", args_train),
+    "check": ("every stage of a run with these settings on a few images, in seconds, and what the real run would "
+              "cost on this machine", args_check),
+    "predict": ("write a submission from one or more trained runs", args_predict),
+    "cv": ("k-fold cross validation over train+val: one run per fold, out-of-fold predictions, fold-ensemble "
+           "submission", args_cv),
+    "preview": ("write the eval view and N training views of a few images, and a grid", args_preview),
+    "models": ("the built-in models: parameters, FLOPs, and training images/s measured here", args_models),
+    "report": ("plots (curves, confusion matrix, per-class accuracy, mistakes) and one self-contained report.html "
+               "for a run or cv directory", args_report),
+    "demo": ("train on a small dataset bundled with scikit-learn; no data needed", args_demo),
+}
+
+
+def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    p = argparse.ArgumentParser(prog="imgcls", description="Train image classifiers from scratch and write "
+                                "correct competition submissions.")
+    p.add_argument("--version", action="version", version=f"imgcls {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (text, add_args) in SUBCOMMANDS.items():
+        add_args(sub.add_parser(name, help=text))
     return p, sub.choices
 
 
@@ -341,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     # Intermixed: `train DATA --out RUN epochs=3` and `train DATA epochs=3 --out RUN` both work.
     args = commands[argv[0]].parse_intermixed_args(argv[1:])
     args.command = argv[0]
-    from imgcls.malloc import keep_freed_memory  # torch-free: `imgcls inspect` does not import torch
+    from imgcls.process import keep_freed_memory  # torch-free: `imgcls inspect` does not import torch
 
     keep_freed_memory()  # this process is ours: reuse freed memory, no page faults per step
     try:

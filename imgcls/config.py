@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -21,7 +22,7 @@ from imgcls import recipes  # torch-free, like this module
 from imgcls.errors import UserError
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     image_size: int = 64  # px, side of the square image the model trains on (at the end of progressive resizing)
     cache_size: int = 0  # px, side of the decoded cache; 0 = the larger of image_size and eval_size
@@ -51,7 +52,7 @@ def cache_size(data: DataConfig) -> int:
     return data.cache_size or max(data.image_size, eval_size(data))
 
 
-@dataclass
+@dataclass(frozen=True)
 class AugConfig:
     aug: str = "auto"  # preset: auto (by epochs: recipes.aug_for) | short | light | medium | strong | custom (the keys below as set)
     crop_scale: tuple[float, float] = (0.35, 1.0)  # random-resized-crop area fraction
@@ -75,7 +76,7 @@ class AugConfig:
     mix_off_epochs: int = 0  # switch mixing off for the last N epochs
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     model: str = "auto"  # a registered name (`imgcls models`), timm:<name>, or auto (by image_size: recipes.model_for)
     width: int = 0  # channels of the first stage of a built-in model; 0 = the model's default
@@ -88,7 +89,7 @@ class ModelConfig:
 DEFAULT_OPTIMIZER = "muon"
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     optimizer: str = DEFAULT_OPTIMIZER  # muon | lamb | sgd (Nesterov) | adamw | ranger (Lookahead + RAdam): recipes.OPTIMIZERS
     lr: float = 0.0  # peak learning rate per 512 images of global batch (scaled linearly); 0 = the optimizer's default
@@ -108,7 +109,7 @@ class OptimConfig:
     freeze_epochs: int = 0  # fine-tuning: train the classifier alone for the first N epochs
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     epochs: int = 10  # or auto: as many as fit in time_limit= (planned after a short calibration)
     batch_size: int = 32  # global batch, independent of the number of ranks (small: more steps on small data)
@@ -129,16 +130,13 @@ class RunConfig:
     progress: bool = True  # progress bars
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-    def __post_init__(self):
-        self.explicit: set[str] = set()  # keys given by defaults, a file or overrides (not a field: not saved)
 
     def to_dict(self) -> dict[str, Any]:
         return {s.name: _plain(dataclasses.asdict(getattr(self, s.name))) for s in dataclasses.fields(self)}
@@ -151,6 +149,7 @@ def _plain(d: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
+@functools.cache
 def _key_index() -> dict[str, tuple[str, dataclasses.Field]]:
     """bare key -> (section, field)."""
     index = {}
@@ -253,7 +252,8 @@ CHOICES = {
 AUTO = {"epochs", "ema"}  # number keys that also take the word auto
 
 
-def _set(cfg: Config, key: str, value: Any, index) -> None:
+def _set(values: dict[str, dict[str, Any]], given: set[str], key: str, value: Any, index) -> None:
+    """Check one key=value and put it into values[section][key]; `given` records the bare key."""
     bare = key.split(".", 1)[1] if "." in key else key
     if "." in key and key.split(".", 1)[0] not in SECTIONS:
         raise UserError(f"Unknown config section in {key!r}: sections are {', '.join(SECTIONS)}.")
@@ -267,20 +267,29 @@ def _set(cfg: Config, key: str, value: Any, index) -> None:
     value = "auto" if bare in AUTO and str(value).strip().lower() == "auto" else _coerce(bare, value, hint_type)
     if bare in CHOICES and value not in CHOICES[bare]:
         raise UserError(f"{bare}={value!r} is not one of {', '.join(CHOICES[bare])}.")
-    setattr(getattr(cfg, section), bare, value)
-    cfg.explicit.add(bare)
+    values[section][bare] = value
+    given.add(bare)
 
 
-def apply(cfg: Config, values: dict[str, Any], index=None) -> Config:
-    """Apply a flat or section-nested mapping of settings to cfg (in place) and return it."""
-    index = index or _key_index()
-    for key, value in values.items():
+def _layer(values: dict[str, dict[str, Any]], given: set[str], layer: dict[str, Any], index) -> None:
+    """A flat or section-nested mapping of settings into `values`."""
+    for key, value in layer.items():
         if key in SECTIONS and isinstance(value, dict):
             for k, v in value.items():
-                _set(cfg, f"{key}.{k}", v, index)
+                _set(values, given, f"{key}.{k}", v, index)
         else:
-            _set(cfg, key, value, index)
-    return cfg
+            _set(values, given, key, value, index)
+
+
+def with_values(cfg: Config, **values: Any) -> Config:
+    """A new Config with these bare keys changed (values already of the right type): settings are never
+    edited in place, so a settled config stays what was saved."""
+    index = _key_index()
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        sections.setdefault(index[key][0], {})[key] = value
+    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **changed)
+                                       for name, changed in sections.items()})
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
@@ -306,23 +315,43 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def resolve(*, defaults: dict[str, Any] | None = None, file: str | Path | None = None,
-            overrides: list[str] | dict[str, Any] = ()) -> Config:
-    """Defaults (e.g. per dataset layout) <- YAML file <- key=value overrides."""
-    cfg = Config()
+class Resolved(NamedTuple):
+    cfg: Config
+    given: frozenset[str]  # the bare keys set by the defaults, the file or the overrides: recipes never change them
+
+
+def resolve_given(*, defaults: dict[str, Any] | None = None, file: str | Path | None = None,
+                  overrides: list[str] | dict[str, Any] = ()) -> Resolved:
+    """Defaults (e.g. per dataset layout) <- YAML file <- key=value overrides, then the recipe's values for
+    every `auto` and unset key (recipes.filled); returns the Config and the keys that were given."""
     index = _key_index()
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    given: set[str] = set()
     if defaults:
-        apply(cfg, defaults, index)
+        _layer(values, given, defaults, index)
     if file:
         try:
-            apply(cfg, load_yaml(file), index)
+            _layer(values, given, load_yaml(file), index)
         except UserError as e:
             raise UserError(f"In {file}: {e}") from None
     if overrides:
-        apply(cfg, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)), index)
-    recipes.fill(cfg)
+        _layer(values, given, overrides if isinstance(overrides, dict) else parse_overrides(list(overrides)), index)
+    cfg = Config(**{f.name: f.default_factory(**values[f.name]) for f in dataclasses.fields(Config)})
+    cfg = with_values(cfg, **recipes.filled(cfg, given))
     validate(cfg)
-    return cfg
+    return Resolved(cfg, frozenset(given))
+
+
+def resolve(*, defaults: dict[str, Any] | None = None, file: str | Path | None = None,
+            overrides: list[str] | dict[str, Any] = ()) -> Config:
+    """resolve_given(...).cfg: the settings alone."""
+    return resolve_given(defaults=defaults, file=file, overrides=overrides).cfg
+
+
+def with_epochs(cfg: Config, epochs: int, given: frozenset[str]) -> Config:
+    """The settings of a run of `epochs` epochs: with aug=auto (or a preset), the preset for that length
+    fills the aug keys not in `given` (epochs=auto settles here, once its plan is known)."""
+    return with_values(cfg, epochs=epochs, **recipes.aug_values(cfg.aug.aug, epochs, given))
 
 
 def validate(cfg: Config) -> None:

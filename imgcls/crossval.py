@@ -1,6 +1,6 @@
 """Cross validation, `imgcls cv`: the labelled splits are merged, cut into K stratified folds
-(seeded), and one ordinary run directory is trained per fold (`DIR/fold-k/`, via
-`training.fit(rows=...)`, one per GPU when there are several: imgcls/jobs.py). The held-out
+(seeded), and one ordinary run is trained per fold (`DIR/fold-k/`, run.run with the fold's rows,
+one per GPU when there are several: imgcls/jobs.py). The held-out
 predictions of the folds together cover every labelled image once: the out-of-fold (OOF) file
 `DIR/oof.npz`. `DIR/cv.json` holds per-fold and OOF accuracy; the folds' test probabilities are
 averaged into `DIR/submission.csv`. A rerun trains only the folds that have not finished.
@@ -8,15 +8,13 @@ averaged into `DIR/submission.csv`. A rerun trains only the folds that have not 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from imgcls import config, data, jobs
-from imgcls.config import Config
+from imgcls import config, data, jobs, planning, reporting, run, tmpfiles
 from imgcls.data import Prepared
 from imgcls.errors import UserError
 
@@ -45,7 +43,7 @@ def stratified_folds(labels: np.ndarray, k: int, *, seed: int) -> np.ndarray:
 
 
 @dataclass
-class Plan:
+class Folds:
     """Which labelled cache row belongs to which fold; saved as DIR/folds.json (by sample id)."""
     out: Path
     k: int
@@ -61,10 +59,10 @@ class Plan:
         return {"train": self.rows[self.fold != f], "val": self.rows[self.fold == f], "test": self.test}
 
 
-def make_plan(prep: Prepared, out: str | Path, *, k: int, seed: int) -> Plan:
+def make_folds(prep: Prepared, out: str | Path, *, k: int, seed: int) -> Folds:
     """Merge train+val, make the folds, and check them against DIR/folds.json from an earlier run."""
     out = Path(out)
-    rows = np.sort(np.concatenate([prep.rows["train"], prep.rows.get("val", np.empty(0, np.int64))]))
+    rows = data.labelled(prep.rows)
     fold = stratified_folds(prep.labels[rows], k, seed=seed)
     ids = [prep.ids[i] for i in rows]
     record = {"k": k, "seed": seed, "ids": ids, "fold": fold.tolist()}
@@ -77,14 +75,13 @@ def make_plan(prep: Prepared, out: str | Path, *, k: int, seed: int) -> Plan:
                             f"k={k}, seed={seed}, {len(ids)}). Choose a new --out, or repeat the first command's "
                             "settings.")
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        saved_file.write_text(json.dumps(record))
-    return Plan(out, k, seed, rows, fold, prep.rows.get("test", np.empty(0, np.int64)))
+        tmpfiles.write_text(saved_file, json.dumps(record))
+    return Folds(out, k, seed, rows, fold, prep.rows.get("test", np.empty(0, np.int64)))
 
 
 # --- summaries --------------------------------------------------------------------------------
 
-def collect_cv(prep: Prepared, plan: Plan) -> dict:
+def collect_cv(prep: Prepared, plan: Folds) -> dict:
     """Out-of-fold file, fold-ensemble submission and DIR/cv.json from finished folds."""
     import torch
 
@@ -115,7 +112,7 @@ def collect_cv(prep: Prepared, plan: Plan) -> dict:
                          "acc": float(correct[held].mean()), "best_epoch": outcome["best_epoch"],
                          "final_val_acc": outcome["final_val_acc"], "seconds": outcome["seconds"]})
     result = {"folds": plan.k, "seed": plan.seed, "labelled_images": len(ids), "classes": prep.classes,
-              "per_fold": per_fold, "fold_acc": jobs.mean_std([p["acc"] for p in per_fold]),
+              "per_fold": per_fold, "fold_acc": reporting.spread([p["acc"] for p in per_fold]),
               "oof_acc": float(correct.mean()),
               "oof_loss": float(-np.log(np.clip(oof.probs.numpy()[np.arange(len(ids)), labels], 1e-12, None)).mean()),
               "submission": None}
@@ -126,7 +123,7 @@ def collect_cv(prep: Prepared, plan: Plan) -> dict:
         ensemble.Probs(ids=test_ids, classes=prep.classes, probs=probs).save(plan.out / "test_probs.npz")
         path = submission.write(prep.dataset, dict(zip(test_ids, preds.tolist())), plan.out / "submission.csv")
         result["submission"] = path.name
-    (plan.out / "cv.json").write_text(json.dumps(result, indent=2))
+    tmpfiles.write_text(plan.out / "cv.json", json.dumps(result, indent=2))
     return result
 
 
@@ -155,104 +152,91 @@ class CvResult:
     submission_from: str = "folds"  # folds (mean of their test probabilities) | refit
 
 
-def settings(out: Path, resolve: Callable[[dict | None], Config]) -> Config:
+def settings(out: Path, resolve: Callable[[dict | None], config.Resolved]) -> config.Resolved:
     """The settings of a cv directory: a rerun takes the first run's (DIR/config.yaml) as its
     defaults, so unfinished folds train like the others; resolve(defaults) applies the rest."""
     saved = out / "config.yaml"
-    cfg = resolve(config.load_yaml(saved) if saved.is_file() else None)
-    if cfg.run.resume:
+    resolved = resolve(config.load_yaml(saved) if saved.is_file() else None)
+    if resolved.cfg.run.resume:
         raise UserError("resume= does not apply to cv: rerun the same `imgcls cv` command, which resumes "
                         "unfinished folds and skips finished ones.")
-    if cfg.run.seeds:
+    if resolved.cfg.run.seeds:
         raise UserError("seeds= repeats `imgcls train`; cv trains every fold with seed= (which also cuts the folds).")
-    jobs.check_rerun_settings(saved, cfg)
-    return cfg
+    return resolved
 
 
-def run_cv(data_root: str | Path, out: str | Path, cfg: Config, *, folds: int | None = None,
-           only: list[int] | None = None, log: jobs.Log, on_epoch: Callable[[dict], None] | None = None,
-           job: bool = False, refit: bool = False, submit: str | None = None) -> CvResult:
+def run_cv(data_root: str | Path, out: str | Path, resolved: config.Resolved, *, budget: planning.Budget,
+           folds: int | None = None, only: list[int] | None = None, log: jobs.Log,
+           on_epoch: Callable[[dict], None] | None = None, refit: bool = False, submit: str | None = None) -> CvResult:
     """Train the folds of `out` not finished yet (`only`: just these), then, once all are, collect
     the OOF file, cv.json and the fold-mean submission. `folds`: K, default the saved K or 5.
     `refit`: then one holdout=none run on every labelled image for the folds' mean best epoch count
     (out/refit/); `submit`: which one out/submission.csv comes from (default: refit when there is one).
-    `job`: this process is one GPU's child of a parallel cv (train only)."""
+    The folds and the refit share `budget`."""
     submit = submit or ("refit" if refit else "folds")
     if submit not in ("folds", "refit") or (submit == "refit" and not refit):
         raise UserError(f"--submit {submit}: choose folds, or refit together with --refit.")
-    out = Path(out)
+    out, cfg = Path(out), resolved.cfg
     folds_file = out / "folds.json"
     k = folds or (json.loads(folds_file.read_text())["k"] if folds_file.is_file() else 5)
-    prep = data.prepare(data_root, cfg, progress=cfg.run.progress)
-    plan = make_plan(prep, out, k=k, seed=cfg.run.seed)
-    if not job:
-        (out / "config.yaml").write_text(config.to_yaml(cfg))
+    with jobs.open_group(out, "cv", cfg):
+        prep = data.prepare(data_root, cfg, progress=cfg.run.progress)
+        plan = make_folds(prep, out, k=k, seed=cfg.run.seed)
         log(prep.dataset.describe())
         log(f"{k} stratified folds (seed {cfg.run.seed}) over {len(plan.rows)} labelled images "
             f"(train + val merged), about {len(plan.rows) // k} held out per fold")
-    chosen = list(only) if only else list(range(k))
-    bad = [f for f in chosen if not 0 <= f < k]
-    if bad:
-        raise UserError(f"--fold {bad[0]} is not a fold of {out}: folds are 0..{k - 1}.")
-    result = CvResult(out, k, kept=[f for f in chosen if jobs.is_done(plan.fold_dir(f))])
-    if result.kept:
-        log(f"fold(s) {', '.join(map(str, result.kept))} already finished: kept")
-    result.trained = todo = [f for f in chosen if f not in result.kept]
+        chosen = list(only) if only else list(range(k))
+        bad = [f for f in chosen if not 0 <= f < k]
+        if bad:
+            raise UserError(f"--fold {bad[0]} is not a fold of {out}: folds are 0..{k - 1}.")
+        result = CvResult(out, k, kept=[f for f in chosen if jobs.is_done(plan.fold_dir(f))])
+        if result.kept:
+            log(f"fold(s) {', '.join(map(str, result.kept))} already finished: kept")
+        result.trained = [f for f in chosen if f not in result.kept]
+        todo = [jobs.Job(f"fold {f}", run.spec_for(data_root, plan.fold_dir(f), resolved, budget=budget,
+                                                   rows=plan.fold_rows(f))) for f in result.trained]
+        outcomes = jobs.run_jobs(todo, cfg, after=int(refit), prep=prep, log=log, on_epoch=on_epoch)
+        result.interrupted = any(o["status"] == "interrupted" for o in outcomes.values())
+        result.failed = [f for f in chosen if not jobs.is_done(plan.fold_dir(f))]
+        result.missing = [f for f in range(k) if not jobs.is_done(plan.fold_dir(f))]
+        if not (result.interrupted or result.missing):
+            summarize(result, collect_cv(prep, plan), data_root, resolved, budget=budget, refit=refit, submit=submit,
+                      log=log, on_epoch=on_epoch)
+    return result
 
-    def train_one(i):
-        return jobs.train_job(cfg, prep, plan.fold_dir(todo[i]), rows=plan.fold_rows(todo[i]), on_epoch=on_epoch,
-                              log=log)
 
-    def child_argv(i):
-        return [sys.executable, "-m", "imgcls", "cv", str(data_root), "--out", str(out), "--folds", str(k),
-                "--fold", str(todo[i]), "--train-only", "progress=false"]
-
-    outcomes = jobs.run_jobs([f"fold {f}" for f in todo], [plan.fold_dir(f) for f in todo], cfg,
-                             train_one=train_one, child_argv=child_argv, log=log)
-    result.interrupted = any(o["status"] == "interrupted" for o in outcomes.values())
-    result.failed = [f for f in chosen if not jobs.is_done(plan.fold_dir(f))]
-    result.missing = [f for f in range(k) if not jobs.is_done(plan.fold_dir(f))]
-    if result.interrupted or result.missing or job:
-        return result
-    summary = collect_cv(prep, plan)
+def summarize(result: CvResult, summary: dict, data_root, resolved: config.Resolved, *, budget: planning.Budget,
+              refit: bool, submit: str, log: jobs.Log, on_epoch) -> None:
+    """The figures of cv.json into `result`; with refit, the refit run and which submission is DIR's."""
+    out = result.out
     result.per_fold, result.fold_acc, result.oof_acc = summary["per_fold"], summary["fold_acc"], summary["oof_acc"]
     result.oof_loss, result.labelled_images = summary["oof_loss"], summary["labelled_images"]
     result.oof, result.summary = out / "oof.npz", out / "cv.json"
     result.submission = out / summary["submission"] if summary["submission"] else None
-    if refit:
-        result.refit = refit_all(data_root, out, cfg, result.per_fold, log=log, on_epoch=on_epoch)
-        if submit == "refit" and result.refit["outcome"]["status"] == "done" and result.submission:
-            from imgcls import checkpoint
-
-            checkpoint.write_bytes(result.submission, (out / "refit" / "submission.csv").read_bytes())
-            result.submission_from = "refit"
-        summary.update(refit=result.refit, submission_from=result.submission_from)
-        (out / "cv.json").write_text(json.dumps(summary, indent=2))
-    return result
+    if not refit:
+        return
+    result.refit = refit_all(data_root, out, resolved, result.per_fold, budget=budget, log=log, on_epoch=on_epoch)
+    if submit == "refit" and result.refit["outcome"]["status"] == "done" and result.submission:
+        tmpfiles.write_bytes(result.submission, (out / "refit" / "submission.csv").read_bytes())
+        result.submission_from = "refit"
+    summary.update(refit=result.refit, submission_from=result.submission_from)
+    tmpfiles.write_text(out / "cv.json", json.dumps(summary, indent=2))
 
 
-def refit_all(data_root: str | Path, out: Path, cfg: Config, per_fold: list[dict], *, log: jobs.Log,
-              on_epoch: Callable[[dict], None] | None = None) -> dict:
+def refit_all(data_root: str | Path, out: Path, resolved: config.Resolved, per_fold: list[dict], *,
+              budget: planning.Budget, log: jobs.Log, on_epoch: Callable[[dict], None] | None = None) -> dict:
     """A final fit on every labelled image (holdout=none) for the folds' mean best epoch count, into
     out/refit/: each fold's best epoch is where its held-out score peaked, so their mean is the epoch
     budget that cross validation supports. Kept when an earlier call finished it."""
-    import copy
-
     epochs = max(1, round(float(np.mean([p["best_epoch"] for p in per_fold]))))
-    refit_cfg = copy.deepcopy(cfg)
-    refit_cfg.run.epochs, refit_cfg.data.holdout = epochs, "none"
-    if refit_cfg.aug.aug == "auto":  # epochs=auto folds: the preset for the epochs the refit trains
-        from imgcls import recipes
-
-        recipes.fill_aug(refit_cfg, epochs)
+    cfg = config.with_values(config.with_epochs(resolved.cfg, epochs, resolved.given), holdout="none")
     run_dir = out / "refit"
     if jobs.is_done(run_dir):
         log(f"refit: already finished in {run_dir}: kept")
         outcome = jobs.read_outcome(run_dir)
     else:
-        prep = data.prepare(data_root, refit_cfg, progress=cfg.run.progress)
-        log(f"--- refit: {epochs} epoch(s) (the folds' mean best epoch) on all {len(prep.rows['train'])} labelled "
-            f"images: {run_dir}")
-        outcome = jobs.train_job(refit_cfg, prep, run_dir, on_epoch=on_epoch, log=log)
-        log(jobs.outcome_line("refit", run_dir, outcome))
+        log(f"--- refit: {epochs} epoch(s) (the folds' mean best epoch) on all {sum(p['val_images'] for p in per_fold)} "
+            f"labelled images: {run_dir}")
+        job = jobs.Job("refit", run.spec_for(data_root, run_dir, config.Resolved(cfg, resolved.given), budget=budget))
+        outcome = jobs.run_jobs([job], cfg, log=log, on_epoch=on_epoch)["refit"]
     return {"run": "refit", "epochs": epochs, "outcome": outcome}

@@ -1,6 +1,8 @@
 """From a dataset folder to cached images and the rows each split uses."""
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +20,8 @@ class Prepared:
     ids: list[str]  # [N] sample ids (test ids are the submission ids)
     rows: dict[str, np.ndarray]  # split -> row indices into images (unreadable training rows dropped)
     skipped: dict[str, str] = field(default_factory=dict)  # path -> why it was skipped
-    fingerprint: str = ""
+    fingerprint: str = ""  # of the cache: the files (paths, sizes, times) and the decode settings
+    identity: str = ""  # of the data alone: layout, classes, each file's path under the root, label and size
     cache_path: str = ""
     cache_built: bool = False
     before_subset: dict[str, int] = field(default_factory=dict)  # subset=: labelled split -> images before it
@@ -51,6 +54,21 @@ def sort_failures(samples: list[layouts.Sample], split_of: np.ndarray, failed: d
     return errors, skipped
 
 
+def identity(ds: layouts.Dataset, samples: list[layouts.Sample]) -> str:
+    """What a run trained on, independent of where the folder is mounted and of file times (a Kaggle
+    dataset attached again in a new session keeps it): layout, classes, and per sample its path under
+    the root, its label and its size in bytes."""
+    h = hashlib.sha256(f"{ds.layout}|{'|'.join(ds.classes)}".encode())
+    for s in samples:
+        h.update(f"|{os.path.relpath(s.path, ds.root)}|{s.label}|{os.stat(s.path).st_size}".encode())
+    return h.hexdigest()[:20]
+
+
+def labelled(rows: dict[str, np.ndarray]) -> np.ndarray:
+    """Every labelled cache row: train and validation merged, in row order."""
+    return np.sort(np.concatenate([rows["train"], rows.get("val", np.empty(0, np.int64))]))
+
+
 def listing(errors: list[str], limit: int = 20) -> str:
     more = f"\n  ... and {len(errors) - limit} more" if len(errors) > limit else ""
     return "\n  - " + "\n  - ".join(errors[:limit]) + more
@@ -77,16 +95,16 @@ def prepare(root, cfg: Config, *, progress: bool = True) -> Prepared:
     before = {name: len(r) for name, r in rows.items() if name != "test"}
     rows = subset_rows(rows, labels, cfg.data.subset, seed=cfg.run.seed)  # before any re-split: both get a share
     prepared = Prepared(ds, built.images, labels, [s.id for s in samples], rows, skipped=skipped,
-                        fingerprint=built.path.stem.rsplit("-", 1)[-1], cache_path=str(built.path),
+                        fingerprint=built.path.stem.rsplit("-", 1)[-1], identity=identity(ds, samples),
+                        cache_path=str(built.path),
                         cache_built=built.built, before_subset=before if cfg.data.subset else {})
     if cfg.data.holdout == "none":  # a final fit on every labelled image: nothing is held out
-        labelled = np.concatenate([rows["train"], rows.get("val", np.empty(0, np.int64))])
-        prepared.rows["train"], prepared.rows["val"] = np.sort(labelled), np.empty(0, np.int64)
+        prepared.rows["train"], prepared.rows["val"] = labelled(rows), np.empty(0, np.int64)
         return prepared
     if cfg.data.val_fraction > 0:
-        labelled = np.concatenate([rows["train"], rows.get("val", np.empty(0, np.int64))])
-        train, val = stratified_split(labels[labelled], cfg.data.val_fraction, seed=cfg.run.seed)
-        prepared.rows["train"], prepared.rows["val"] = labelled[train], labelled[val]
+        merged = labelled(rows)
+        train, val = stratified_split(labels[merged], cfg.data.val_fraction, seed=cfg.run.seed)
+        prepared.rows["train"], prepared.rows["val"] = merged[train], merged[val]
     if len(prepared.rows.get("val", [])) == 0:
         # No validation split: hold out a stratified 10% of train so every run reports val_acc.
         train, val = stratified_split(labels[rows["train"]], 0.1, seed=cfg.run.seed)

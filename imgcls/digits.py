@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imgcls import config, data, training
+from imgcls import config, rundir
 
 # Tuned for 8x8 digits upscaled to 32 px (a tiny CNN, SGD): the photo recipe's LAMB and flat_cos
 # (recipes.py) reached 0.46 instead of 0.5+ here in 12 epochs, so the demo keeps its own optimizer.
@@ -38,10 +38,15 @@ def write_digits(root: Path, *, seed: int = 0) -> Path:
     return root
 
 
-def run(out: Path, *, overrides: dict | list[str] = (), on_epoch=None) -> training.TrainResult:
-    root = out / "data"
-    if not (root / "training").is_dir():
-        write_digits(root)
-    cfg = config.resolve(defaults={**DEMO_SETTINGS, "cache_dir": str(out / "cache")}, overrides=overrides if isinstance(overrides, dict) else list(overrides))
-    prep = data.prepare(root, cfg, progress=cfg.run.progress)
-    return training.fit(cfg, prep, out / "run", on_epoch=on_epoch)
+def train_demo(out: Path, *, overrides: dict | list[str] = (), log=lambda text: None, on_epoch=None):
+    """Own `out` (a demo folder), lay the digits out in out/data once, and train on them into out/run:
+    an ordinary run (run.run); run again, it says the run is finished."""
+    from imgcls import run
+
+    with rundir.claim(out, "demo"):
+        root = out / "data"
+        if not (root / "training").is_dir():
+            write_digits(root)
+        resolved = config.resolve_given(defaults={**DEMO_SETTINGS, "cache_dir": str(out / "cache")},
+                                        overrides=overrides if isinstance(overrides, dict) else list(overrides))
+        return run.run(run.spec_for(root, out / "run", resolved), log=log, on_epoch=on_epoch)

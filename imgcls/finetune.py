@@ -75,7 +75,7 @@ def init_line(info: dict, num_classes: int) -> str:
 
 def param_groups(model: nn.Module, weight_decay: float, lr_backbone: float) -> list[dict]:
     """Optimizer groups for fine-tuning: the head's weights and norms/biases, then the backbone's with
-    `lr_scale` = lr_backbone (Trainer.set_lr multiplies the scheduled lr by it). Weights decay, norms
+    `lr_scale` = lr_backbone (optim.set_lr multiplies the scheduled lr by it). Weights decay, norms
     and biases do not (as optim.param_groups); empty groups are left out."""
     head = head_parameters(model)
     named = list(checkpoint.unwrap(model).named_parameters())

@@ -6,6 +6,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from imgcls.config import RunConfig
@@ -185,12 +186,37 @@ def make_generator(device: torch.device, seed: int) -> torch.Generator:
     return g
 
 
-def describe(device: str = "auto") -> str:
-    """The device and precision a run with device= would use, in words (for printed figures)."""
+CACHE_SHARE_OF_FREE = 0.4  # the image cache goes on the GPU when it takes under this share of the free memory
+
+
+def cache_on_gpu(nbytes: int, hw: Hardware, setting: str) -> bool:
+    """Whether the decoded image cache is kept on the GPU (airbench-style: no copy per batch): data_on_device=
+    true, or auto and it leaves most of the free memory to the model and activations."""
+    if hw.device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(hw.device)
+    return setting == "true" or (setting == "auto" and nbytes < CACHE_SHARE_OF_FREE * free)
+
+
+def place_cache(images: np.ndarray, hw: Hardware, setting: str) -> torch.Tensor:
+    """The whole cache as a tensor: on the GPU when it fits (cache_on_gpu), else in RAM (pinned for a GPU)."""
+    tensor = torch.from_numpy(np.array(images))  # one read of the memory-mapped file into RAM
+    if hw.device.type != "cuda":
+        return tensor
+    return tensor.to(hw.device) if cache_on_gpu(tensor.numel(), hw, setting) else tensor.pin_memory()
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's with its core count."""
     import platform
 
-    hw = resolve(RunConfig(device=device))
-    name = torch.cuda.get_device_name(hw.device) if hw.device.type == "cuda" else (
-        f"{os.cpu_count()}-core CPU {platform.processor() or platform.machine()}")
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def describe(hw: Hardware | str = "auto") -> str:
+    """The device, precision and memory format of `hw` (or of a run with device=`hw`), in words."""
+    hw = resolve(RunConfig(device=hw)) if isinstance(hw, str) else hw
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(hw.amp, "fp32")
-    return f"{name}, {amp}{', channels_last' if hw.channels_last else ''}"
+    return f"{device_name(hw.device)}, {amp}{', channels_last' if hw.channels_last else ''}"

@@ -1,92 +1,89 @@
-"""Jobs: whole trainings (a fold of `imgcls cv`, a seed of `seeds=`) run one after another in this
-process, or one child process per GPU when there are several.
+"""A group of runs: the seeds of `seeds=` and the folds of `imgcls cv`. Each is an ordinary run
+(run.run: its own folder, report, logs, manifest and outcome.json), trained one after another in this
+process, or one child process per GPU when there are several (`python -m imgcls.worker SPEC`: the
+child calls run.run itself, and never imports the user's script).
 
-Every job writes `outcome.json` beside its run; a job whose outcome is `done` is skipped when the
-command is run again, so a failed fold or seed is rerun alone. Unfinished runs resume from their
-own `state.pt` (fit() does that by itself).
+`open_group` is what both commands do first: own the group folder for the whole command and refuse a
+rerun that would change what is learned. A run whose outcome is `done` is skipped when the command
+is run again, so a failed one is rerun alone; an unfinished one resumes from its own state.pt.
+
+time_limit= is for the whole command: each run gets an equal share of what is left when it starts
+(planning.Budget.share), so every run of an `epochs=auto` group plans its schedule to end inside its
+share, and the last one ends inside the limit.
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import math
 import os
 import subprocess
+import sys
 import time
-import traceback
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
-from imgcls import config
+from imgcls import config, rundir, tmpfiles
 from imgcls.config import Config
-from imgcls.data import Prepared
 from imgcls.errors import UserError
-
-OUTCOME = "outcome.json"
-# Settings that may change between the first run of a cv/seeds command and a rerun of its
-# failed jobs: they change where and how fast a job runs and what it logs, not what it learns.
-RERUN_MAY_CHANGE = {"device", "progress", "eval_batch_size", "data_on_device", "decode_workers", "cache_dir",
-                    "time_limit", "checkpoint_minutes", "compile", "seeds", "tensorboard"}
+from imgcls.rundir import is_done, read_outcome  # noqa: F401 - what callers ask of a job's folder
+from imgcls.run import RunSpec
 
 Log = Callable[[str], None]
-
-
-def read_outcome(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / OUTCOME
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def is_done(run_dir: Path) -> bool:
-    outcome = read_outcome(run_dir)
-    return bool(outcome and outcome["status"] == "done")
-
-
-def train_job(cfg: Config, prep: Prepared, out: Path, *, rows: dict[str, np.ndarray] | None = None,
-              on_epoch: Callable[[dict], None] | None = None, log: Log | None = None) -> dict:
-    """fit() into `out` and write `out/outcome.json`; an exception is caught and recorded as a failure
-    (with the traceback in `out/error.txt`) so the other folds or seeds still run."""
-    from imgcls import training
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / OUTCOME).unlink(missing_ok=True)
-    t0 = time.time()
-    try:
-        result = training.fit(cfg, prep, out, rows=rows, on_epoch=on_epoch, log=log)
-        outcome = {"status": "done" if result.stopped == "done" else result.stopped,
-                   "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
-                   "final_val_acc": result.final_val_acc, "epochs": result.epochs_done}
-    except Exception as e:  # noqa: BLE001 - one failed job must not stop the others; it is reported
-        (out / "error.txt").write_text(traceback.format_exc())
-        outcome = {"status": "failed", "error": f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)}
-    outcome["seconds"] = round(time.time() - t0, 1)
-    (out / OUTCOME).write_text(json.dumps(outcome, indent=2))
-    return outcome
 
 
 def check_rerun_settings(saved: Path, cfg: Config) -> None:
     """A rerun that finishes some folds/seeds must train them like the first run did."""
     if not saved.is_file():
         return
-    old = {k: v for section in config.resolve(file=saved).to_dict().values() for k, v in section.items()}
-    new = {k: v for section in cfg.to_dict().values() for k, v in section.items()}
-    changed = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if k not in RERUN_MAY_CHANGE and old.get(k) != new[k]]
+    changed = rundir.changed_settings(config.resolve(file=saved), cfg)
     if changed:
         raise UserError(f"{saved.parent} was started with other settings ({'; '.join(changed)}), so finished and "
                         "new runs would not be comparable. Repeat the first settings, or choose a new --out.")
 
 
+@contextlib.contextmanager
+def open_group(out: Path, kind: str, cfg: Config):
+    """Own the group folder `out` (rundir.claim) for the block, check a rerun's settings against the first
+    run's, and save the settings the group trains with."""
+    with rundir.claim(out, kind):
+        check_rerun_settings(out / "config.yaml", cfg)
+        tmpfiles.write_text(out / "config.yaml", config.to_yaml(cfg))
+        yield
+
+
 def outcome_line(name: str, run_dir: Path, o: dict) -> str:
     if o["status"] == "failed":
-        return f"{name}: FAILED after {o['seconds']:.0f}s: {o['error']} (traceback in {run_dir / 'error.txt'})"
+        return f"{name}: FAILED after {o.get('seconds', 0):.0f}s: {o['error']} (traceback in {run_dir / 'error.txt'})"
     return (f"{name}: {o['status']}, best val_acc {o['best_val_acc']:.4f} at epoch {o['best_epoch']}, "
             f"final val_acc {o['final_val_acc']:.4f}, {o['seconds']:.0f}s")
 
 
-def mean_std(values: list[float]) -> dict[str, float]:
-    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
-    arr = np.asarray(values, dtype=np.float64)
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "n": len(arr)}
+@dataclass(frozen=True)
+class Job:
+    name: str  # "seed 3", "fold 2": how the logs call it
+    spec: RunSpec
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.spec.out)
+
+
+def train_one(job: Job, *, prep=None, log: Log, on_epoch=None) -> dict:
+    """run.run() in this process; its outcome.json, or a failure recorded here when it was refused before
+    it could write one (another process holds its folder, say). One failed run never stops the others."""
+    from imgcls import run
+
+    t0 = time.time()
+    try:
+        run.run(job.spec, prep=prep, log=log, on_epoch=on_epoch)
+    except Exception as e:  # noqa: BLE001 - recorded, and the other runs go on
+        outcome = read_outcome(job.dir)
+        if outcome and outcome["status"] == "failed":
+            return outcome
+        return {"status": "failed", "error": str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}",
+                "seconds": round(time.time() - t0, 1)}
+    return read_outcome(job.dir)
 
 
 # --- running jobs one per GPU ----------------------------------------------------------------
@@ -140,25 +137,34 @@ def run_parallel(jobs: list[tuple[list[str], Path]], gpus: list[str], *,
     return codes
 
 
-def run_jobs(names: list[str], dirs: list[Path], cfg: Config, *, train_one: Callable[[int], dict],
-             child_argv: Callable[[int], list[str]], log: Log) -> dict[str, dict]:
-    """Train each job: one subprocess per visible GPU when there are several (CUDA_VISIBLE_DEVICES=that
-    GPU, output in DIR/log.txt), else train_one(i) one after the other in this process.
-    Returns name -> outcome; logs one line per job."""
+def run_jobs(jobs: list[Job], cfg: Config, *, after: int = 0, prep=None, log: Log,
+             on_epoch: Callable[[dict], None] | None = None) -> dict[str, dict]:
+    """Train each job: one child process per visible GPU when there are several (output in DIR/log.txt),
+    else one after another in this process. Each job's budget is its share of the time left, counting
+    `after` more runs that follow the group (cv's refit). Returns name -> outcome; logs a line per job."""
     gpus = visible_gpus() if cfg.run.device != "cpu" else []
     outcomes = {}
-    if len(gpus) > 1 and len(names) > 1:
-        def started(i, gpu):
-            log(f"{names[i]}: started on GPU {gpu}, log {dirs[i] / 'log.txt'}")
-        run_parallel([(child_argv(i), dirs[i] / "log.txt") for i in range(len(names))], gpus, on_start=started)
-        for name, d in zip(names, dirs):
-            outcomes[name] = read_outcome(d) or {"status": "failed", "error": f"it exited early; see {d / 'log.txt'}"}
-            log(outcome_line(name, d, outcomes[name]))
+    if len(gpus) > 1 and len(jobs) > 1:
+        waves = math.ceil(len(jobs) / len(gpus))
+        argv = []
+        for i, job in enumerate(jobs):  # the i-th job starts in wave i // len(gpus)
+            spec = replace(job.spec, runs_left=waves - i // len(gpus) + after,
+                           cfg=config.with_values(job.spec.cfg, progress=False))
+            rundir.mark(job.dir, "train")
+            tmpfiles.write_text(job.dir / "spec.json", spec.to_json())
+            argv.append(([sys.executable, "-m", "imgcls.worker", str(job.dir / "spec.json")], job.dir / "log.txt"))
+        run_parallel(argv, gpus, on_start=lambda i, gpu: log(f"{jobs[i].name}: started on GPU {gpu}, log "
+                                                             f"{jobs[i].dir / 'log.txt'}"))
+        for job in jobs:
+            outcomes[job.name] = read_outcome(job.dir) or {"status": "failed",
+                                                           "error": f"it exited early; see {job.dir / 'log.txt'}"}
+            log(outcome_line(job.name, job.dir, outcomes[job.name]))
         return outcomes
-    for i, (name, d) in enumerate(zip(names, dirs)):
-        log(f"--- {name} ({i + 1}/{len(names)}): {d}")
-        outcomes[name] = train_one(i)
-        log(outcome_line(name, d, outcomes[name]))
-        if outcomes[name]["status"] == "interrupted":
+    for i, job in enumerate(jobs):
+        log(f"--- {job.name} ({i + 1}/{len(jobs)}): {job.dir}")
+        job = replace(job, spec=replace(job.spec, runs_left=len(jobs) - i + after))
+        outcomes[job.name] = train_one(job, prep=prep, log=log, on_epoch=on_epoch)
+        log(outcome_line(job.name, job.dir, outcomes[job.name]))
+        if outcomes[job.name]["status"] == "interrupted":
             break
     return outcomes

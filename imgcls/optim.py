@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from imgcls.config import OptimConfig
+from imgcls.config import DataConfig, OptimConfig
 
 
 def peak_lr(cfg: OptimConfig, batch_size: int) -> float:
@@ -55,6 +56,46 @@ def size_at(epoch: int, *, epochs: int, size: int, scale: float, end: float) -> 
     full = max(1, round(end * epochs))
     side = scale * size + (size - scale * size) * min(1.0, epoch / full)
     return size if epoch >= full else min(size, max(32, int(side // 16) * 16))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The length of a run and what follows from it: the learning rate of each step, the image size of
+    each epoch, the EMA's horizon. Settled before training starts; a shorter plan mid-run
+    (training.replan) is a new Schedule, never an edit of the settings."""
+    epochs: int
+    steps_per_epoch: int  # the last partial batch is dropped
+    batch_size: int  # global, over all ranks
+    optim: OptimConfig
+    data: DataConfig
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def warmup(self) -> int:
+        return int(self.optim.warmup_epochs * self.steps_per_epoch)
+
+    @property
+    def peak(self) -> float:
+        return peak_lr(self.optim, self.batch_size)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, total=self.total_steps, warmup=self.warmup, peak=self.peak, cfg=self.optim)
+
+    def size(self, epoch: int) -> int:
+        d = self.data
+        return size_at(epoch, epochs=self.epochs, size=d.image_size, scale=d.prog_scale, end=d.prog_end)
+
+    def ema_decay(self) -> float:
+        return ema_decay(self.optim.ema, self.total_steps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled learning rate into every group, times its lr_scale (lr_backbone=: finetune.param_groups)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

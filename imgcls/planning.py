@@ -5,21 +5,24 @@ No trainer we compare with plans for a wall-clock budget: timm, fastai and Light
 when the time is up, with the learning rate wherever the schedule was (a run cut at epoch 20 of 200
 submits weights trained at 98% of the peak learning rate). Here a calibration measures this run on
 its own data and device (CALIBRATION_STEPS real training steps at the first epoch's image size, one
-evaluation, one checkpoint write), then puts every weight, optimizer buffer and random stream back
-as it was, so the planned run is exactly the fixed-`epochs=` run it chose (same weights on the CPU
+evaluation, one checkpoint write) on a throwaway copy of the run, then the run starts afresh with the
+settled epochs, so the planned run is exactly the fixed-`epochs=` run it chose (same weights on the CPU
 with deterministic=true), just sized to the budget. Without epochs=auto the same estimate only warns
 when time_limit= would cut the schedule.
+
+This module is the one time model: the plan, the stop rule (Budget.stop_now), the shares of a
+`seeds=` or `imgcls cv` command (Budget.share) and `imgcls check`'s estimate (cost) all use it.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from imgcls import optim
+from imgcls.optim import Schedule
 
 CALIBRATION_STEPS = 20  # timed steps; the first 2 (kernel set-up, compilation) are not counted
 # Calibration steps and whole epochs do not run at the same pace: food-10 at 96 px on a 2-core Xeon
@@ -27,6 +30,9 @@ CALIBRATION_STEPS = 20  # timed steps; the first 2 (kernel set-up, compilation) 
 # 114-124 ms, so a plan for 15 epochs was cut after 11 at the peak learning rate. The plan uses the mean
 # step (slow steps count), and training.replan() shortens it at an epoch's end when the epochs left no
 # longer fit at the pace of the last one.
+# Epochs are planned this much slower than calibrated, so a run a little slower than its calibration still
+# ends its decay before the stop rule keeps the time for finish(); a much slower one is replanned.
+PACE_MARGIN = 0.05
 REPORT_SECONDS = 5.0  # the report after finish(): 1.6 s for food-10, 4.1 s for tiny-imagenet-100 on 2 CPU cores
 
 
@@ -74,67 +80,121 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # a CPU clock means nothing until the GPU is done
 
 
-def calibrate(trainer, files) -> Timing:
-    """Time CALIBRATION_STEPS steps, one evaluation and one checkpoint of `trainer` on its data and
-    device, then restore it exactly (weights, optimizer, EMA, generators, counters)."""
+@dataclass(frozen=True)
+class Budget:
+    """The wall time one run may take: `limit` seconds (0 = none) from `started` (time.time()). A plain
+    `imgcls train` counts from the call, decoding the cache included; a seed of `seeds=` or a fold of
+    `imgcls cv` gets its share of what the whole command has left when it starts (share())."""
+    started: float
+    limit: float
+
+    @classmethod
+    def of(cls, time_limit: str, started: float | None = None) -> "Budget":
+        from imgcls.config import parse_duration
+
+        return cls(time.time() if started is None else started, parse_duration(time_limit))
+
+    def elapsed(self) -> float:
+        return time.time() - self.started
+
+    def left(self) -> float:
+        return self.limit - self.elapsed() if self.limit else float("inf")
+
+    def share(self, runs: int) -> "Budget":
+        """One of `runs` runs still to come, one after another, that must all end within this budget."""
+        if not self.limit:
+            return Budget(time.time(), 0.0)
+        return Budget(time.time(), max(0.0, self.left()) / max(1, runs))
+
+    def stop_now(self, *, step_seconds: float, eval_seconds: float, n_val: int, n_test: int) -> bool:
+        """Whether to stop before the next step: what must still run (that step, the evaluation, finish()
+        and the report) would not end inside the limit."""
+        reserve = stop_reserve(eval_seconds=eval_seconds, step_seconds=step_seconds, n_val=n_val, n_test=n_test,
+                               limit=self.limit, report=REPORT_SECONDS)
+        return bool(self.limit) and self.elapsed() > self.limit - reserve
+
+
+def margin(limit: float) -> float:
+    """Kept in hand under a time limit for loading weights, writing files and a slow disk: 10% of the
+    limit, at most a minute (finish() on a 5-image test split took 0.4 s more than its inference here)."""
+    return min(60.0, 0.1 * limit)
+
+
+def stop_reserve(*, eval_seconds: float, step_seconds: float, n_val: int, n_test: int, limit: float,
+                 report: float = 0.0) -> float:
+    """Seconds to keep in hand under time_limit= when deciding whether to take another step: that
+    step, the epoch-end evaluation that may follow it, finish() (validation + test inference with
+    the best weights), the `report` written after it, and the margin."""
+    per_image = eval_seconds / max(1, n_val)
+    return step_seconds + eval_seconds + per_image * (n_val + n_test) + report + margin(limit)
+
+
+def calibrate(probe, files) -> Timing:
+    """Time CALIBRATION_STEPS steps, one evaluation and one checkpoint of `probe` (training.Probe: a
+    throwaway copy of the run on its data and device, discarded afterwards, so the run itself starts
+    exactly as a fixed-epochs run would)."""
     t0 = time.perf_counter()
-    saved = copy.deepcopy(trainer.state_dict())
-    size, times = trainer.size, []
-    for _, rows in zip(range(CALIBRATION_STEPS + 2), trainer.batches()):
+    times = []
+    for _ in range(CALIBRATION_STEPS + 2):
         t = time.perf_counter()
-        trainer.train_step(rows)
-        _sync(trainer.hw.device)
+        if not probe.step():
+            break
+        _sync(probe.device)
         times.append(time.perf_counter() - t)
     t = time.perf_counter()
-    trainer.score()
+    probe.score()
     eval_seconds = time.perf_counter() - t
     t = time.perf_counter()
-    files.save_weights_and_state(trainer)
+    files.save_weights_and_state(probe.state)
     save_seconds = time.perf_counter() - t
-    trainer.load_state_dict(saved)
     step = statistics.fmean(times[2:] or times)  # the mean: slow steps count
-    return Timing(step, size, eval_seconds, save_seconds, len(trainer.rows["val"]), len(trainer.rows.get("test", [])),
-                  time.perf_counter() - t0)
+    return Timing(step, probe.size, eval_seconds, save_seconds, probe.n_val, probe.n_test, time.perf_counter() - t0)
 
 
 def finish_seconds(timing: Timing, limit: float) -> float:
-    """finish() scores validation and test with the best weights, then the report; and 10% of the limit
-    (at most a minute) for loading weights, writing files and a slow disk, as StopRules keeps."""
+    """finish() scores validation and test with the best weights, then the report, and the margin, as
+    Budget.stop_now keeps."""
     per_image = timing.eval_seconds / max(1, timing.n_val)
-    return per_image * (timing.n_val + timing.n_test) + REPORT_SECONDS + min(60.0, 0.1 * limit)
+    return per_image * (timing.n_val + timing.n_test) + REPORT_SECONDS + margin(limit)
 
 
-def cost(epochs: int, timing: Timing, trainer) -> float:
-    """Seconds `epochs` epochs take: steps at each epoch's size (time ~ pixels, from the calibrated
-    size), an evaluation and a checkpoint per epoch."""
-    d = trainer.cfg.data
-    total = 0.0
-    for e in range(epochs):
-        side = optim.size_at(e, epochs=epochs, size=d.image_size, scale=d.prog_scale, end=d.prog_end)
-        total += trainer.steps_per_epoch * timing.step_seconds * (side / timing.size) ** 2
+def cost(epochs: int, timing: Timing, schedule: Schedule) -> float:
+    """Seconds `epochs` epochs of `schedule` take: steps at each epoch's size (time ~ pixels, from the
+    calibrated size), an evaluation and a checkpoint per epoch."""
+    length = dataclasses.replace(schedule, epochs=epochs)
+    total = sum(schedule.steps_per_epoch * timing.step_seconds * (length.size(e) / timing.size) ** 2
+                for e in range(epochs))
     return total + epochs * (timing.eval_seconds + timing.save_seconds)
 
 
-def fitting_epochs(timing: Timing, trainer, available: float) -> int:
+def fitting_epochs(timing: Timing, schedule: Schedule, available: float) -> int:
     """The most epochs whose cost fits in `available` seconds (0 if not even one); cost grows with
     the epoch count, so a doubling then bisection search finds it."""
-    if cost(1, timing, trainer) > available:
+    if cost(1, timing, schedule) > available:
         return 0
     lo, hi = 1, 2
-    while cost(hi, timing, trainer) <= available:
+    while cost(hi, timing, schedule) <= available:
         lo, hi = hi, hi * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if cost(mid, timing, trainer) <= available else (lo, mid)
+        lo, hi = (mid, hi) if cost(mid, timing, schedule) <= available else (lo, mid)
     return lo
 
 
-def plan(trainer, timing: Timing, *, limit: float, elapsed: float) -> Plan:
-    """The plan for what is left of `limit` after `elapsed` seconds (the calibration included)."""
+def plan(schedule: Schedule, timing: Timing, *, limit: float, elapsed: float) -> Plan:
+    """The plan for what is left of `limit` after `elapsed` seconds (the calibration included). Epochs
+    are planned PACE_MARGIN slower than calibrated, so a run a little slower than its calibration still
+    ends its schedule before the stop rule (Budget.stop_now) would cut it."""
     finish = finish_seconds(timing, limit)
-    epochs = fitting_epochs(timing, trainer, limit - elapsed - finish)
-    return Plan(epochs, epochs * trainer.steps_per_epoch, cost(epochs, timing, trainer) if epochs else 0.0,
-                finish, limit, elapsed, cost(1, timing, trainer), timing)
+    epochs = fitting_epochs(timing, schedule, (limit - elapsed - finish) / (1 + PACE_MARGIN))
+    return Plan(epochs, epochs * schedule.steps_per_epoch, cost(epochs, timing, schedule) if epochs else 0.0,
+                finish, limit, elapsed, cost(1, timing, schedule), timing)
+
+
+def epochs_left(left: float, pace: float) -> int:
+    """Whole epochs of `pace` seconds (the last epoch's steps, evaluation and checkpoint) that fit in `left`,
+    with the same PACE_MARGIN as plan()."""
+    return int(max(0.0, left) // (pace * (1 + PACE_MARGIN)))
 
 
 def too_short(p: Plan) -> str:

@@ -1,7 +1,8 @@
 """The recipe: what the `auto` settings become and what each preset holds, with the measurement behind
-each choice (BENCHMARKS.md, "Recipes"). Pure data and one function, `fill`, which config.resolve()
-calls after every layer of settings is applied: a key the user set (in a file, as key=value, or as
-a dataset layout's default) is never changed here; the resolved values are saved in config.yaml,
+each choice (BENCHMARKS.md, "Recipes"). Pure data and two functions, `filled`, which config.resolve()
+calls after every layer of settings is applied, and `aug_values`, which also settles aug=auto once
+epochs=auto is planned: a key the user set (in a file, as key=value, or as a dataset layout's
+default) is never changed here; the resolved values are saved in config.yaml,
 so a resumed or repeated run trains exactly as the first.
 """
 from __future__ import annotations
@@ -61,26 +62,26 @@ def model_for(image_size: int) -> str:
     return "resnet18s2" if image_size < 64 else "resnet18d"
 
 
-def fill(cfg) -> None:
-    """Resolve `auto` and unset settings of a Config in place; keys in cfg.explicit are kept."""
-    given = cfg.explicit
+def filled(cfg, given: frozenset[str] | set[str]) -> dict:
+    """The values of `auto` and unset settings of a Config, as bare key -> value; keys in `given` are kept."""
+    values = {}
     optimizer = OPTIMIZERS.get(cfg.optim.optimizer)
     if optimizer:
         if not cfg.optim.lr:
-            cfg.optim.lr = optimizer.lr
+            values["lr"] = optimizer.lr
         if "weight_decay" not in given:
-            cfg.optim.weight_decay = optimizer.weight_decay
+            values["weight_decay"] = optimizer.weight_decay
     if cfg.model.model == "auto":
-        cfg.model.model = model_for(cfg.data.image_size)
+        values["model"] = model_for(cfg.data.image_size)
     if cfg.aug.aug != "custom" and not (cfg.aug.aug == "auto" and cfg.run.epochs == "auto"):
-        fill_aug(cfg, cfg.run.epochs)  # with epochs=auto: once the plan knows the epochs (planning.py)
+        values.update(aug_values(cfg.aug.aug, cfg.run.epochs, given))  # epochs=auto: once the plan knows the epochs
+    return values
 
 
-def fill_aug(cfg, epochs: int) -> None:
-    """aug=<preset>, or auto for a run of `epochs`: the preset's values for the aug keys the user did
-    not set; cfg.aug.aug becomes the preset's name, so the saved config says which one it was."""
-    name = aug_for(epochs) if cfg.aug.aug == "auto" else cfg.aug.aug
-    for key, value in AUG_PRESETS[name].items():
-        if key not in cfg.explicit:
-            setattr(cfg.aug, key, value)
-    cfg.aug.aug = name
+def aug_values(aug: str, epochs: int, given: frozenset[str] | set[str]) -> dict:
+    """aug=<preset>, or auto for a run of `epochs`: the preset's values for the aug keys the user did not
+    set, and `aug` itself as the preset's name, so the saved config says which one it was. custom: none."""
+    if aug == "custom":
+        return {}
+    name = aug_for(epochs) if aug == "auto" else aug
+    return {**{key: value for key, value in AUG_PRESETS[name].items() if key not in given}, "aug": name}

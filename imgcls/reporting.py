@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from imgcls import checkpoint, config, ensemble
+from imgcls import config, ensemble, tmpfiles
 from imgcls.errors import UserError
 
 MISTAKES = 24  # most confident wrong predictions shown
@@ -396,7 +396,7 @@ def images_by_id(manifest: dict, ids: list[str], *, size: int, resize: str,
     return found, f"{missing} of {len(ids)} images were not found in {root} (has the folder changed?)" if missing else ""
 
 
-def render_preview(manifest: dict, cfg: config.Config, *, images: int = PREVIEW_IMAGES, views: int = PREVIEW_VIEWS,
+def preview_grid(manifest: dict, cfg: config.Config, *, images: int = PREVIEW_IMAGES, views: int = PREVIEW_VIEWS,
                    memo: dict | None = None) -> tuple[np.ndarray | None, list[str], str]:
     """imgcls.preview's grid (eval view, then training views drawn by the training code) for the first
     training image of `images` classes, decoded from the dataset folder: only those files, not the cache.
@@ -449,19 +449,19 @@ def write(path: str | Path, *, mistakes: int = MISTAKES) -> Report:
         source.notes.append("No epoch has finished (metrics.jsonl is empty): no training curves.")
     if source.probs is not None:
         counts, per_class, csv_text = held_out_plots(source, pngs)
-        checkpoint.write_text(out / "per_class.csv", csv_text)
+        tmpfiles.write_text(out / "per_class.csv", csv_text)
         files.append(out / "per_class.csv")
         section_notes["mistakes"] = mistakes_plot(source, cfg, pngs, n=mistakes)
     preview_rows, section_notes["preview"] = preview_plot(source, cfg, pngs)
 
     for name, data in pngs.items():
-        checkpoint.write_bytes(out / name, data)
+        tmpfiles.write_bytes(out / name, data)
         files.append(out / name)
     for name in OUTPUTS:  # a plot this report could not make must not be mistaken for a current one
         if name != "report.html" and out / name not in files:
             (out / name).unlink(missing_ok=True)
     page = render_html(source, cfg, pngs, per_class, section_notes=section_notes, preview_rows=preview_rows)
-    checkpoint.write_text(out / "report.html", page)
+    tmpfiles.write_text(out / "report.html", page)
     files.append(out / "report.html")
     notes = source.notes + [f"{k}: {v}" for k, v in section_notes.items() if v]
     return Report(out / "report.html", files, counts, per_class, notes, time.perf_counter() - t0)
@@ -508,7 +508,7 @@ def preview_plot(source: Source, cfg: config.Config | None, pngs: dict[str, byte
     if not (source.manifest and cfg):
         return [], "the run has no readable config.yaml or manifest.json"
     try:
-        grid, rows, note = render_preview(source.manifest, cfg, memo=source.datasets)
+        grid, rows, note = preview_grid(source.manifest, cfg, memo=source.datasets)
     except UserError as e:
         return [], str(e)
     if grid is not None:
@@ -545,10 +545,42 @@ pre.cols{column-count:3;column-gap:28px}
 """
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value) of folds' or seeds' figures."""
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "n": len(arr)}
+
+
+def folds_section(cv: dict) -> list[str]:
+    """The cv report's table of folds, with mean +- std."""
+    fa = cv["fold_acc"]
+    final = spread([p["final_val_acc"] for p in cv["per_fold"]])
+    rows = [[p["fold"], p["run"], p["val_images"], f"{p['acc']:.4f}", p["best_epoch"],
+             f"{p['final_val_acc']:.4f}", f"{p['seconds']:.0f}"] for p in cv["per_fold"]]
+    foot = ["mean ± std", "", sum(p["val_images"] for p in cv["per_fold"]), f"{fa['mean']:.4f} ± {fa['std']:.4f}",
+            "", f"{final['mean']:.4f} ± {final['std']:.4f}", ""]
+    return [f"<h2>Folds ({cv['folds']}, seed {cv['seed']})</h2>",
+            _table(["fold", "run", "held-out images", "accuracy (best weights)", "best epoch", "last-epoch val_acc",
+                    "seconds"], rows, foot=foot),
+            f"<p>Out-of-fold accuracy {cv['oof_acc']:.4f} on {cv['labelled_images']} images. Std is the sample "
+            "standard deviation over folds. Each fold's best epoch is chosen on its own held-out part, so these "
+            "figures are slightly optimistic.</p>"]
+
+
+def preview_section(pngs: dict[str, bytes], preview_rows: list[str], note: str | None) -> list[str]:
+    e = html.escape
+    if "preview.png" not in pngs:
+        return ["<h2>Augmentation preview</h2>",
+                f'<p class="note">Not available: {e(note or "no configuration or manifest")}.</p>']
+    return ["<h2>Augmentation preview</h2>",
+            f"<p>One training image of each of the first {len(preview_rows)} classes (rows: "
+            f"{e(', '.join(preview_rows))}): first column the evaluation view, then {PREVIEW_VIEWS} views drawn "
+            "by the run's training augmentation, through the training code (`imgcls preview` makes more).</p>",
+            _img(pngs["preview.png"], "augmentation preview")]
+
+
 def render_html(source: Source, cfg: config.Config | None, pngs: dict[str, bytes], per_class: list[dict], *,
                 section_notes: dict[str, str], preview_rows: list[str]) -> str:
-    from imgcls.jobs import mean_std
-
     e = html.escape
     what = "cross validation" if source.kind == "cv" else "run"
     parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>imgcls report: {e(source.path.name)}"
@@ -562,19 +594,7 @@ def render_html(source: Source, cfg: config.Config | None, pngs: dict[str, bytes
     parts += [f'<p class="note">{e(n)}</p>' for n in source.notes]
     mistake_note, preview_note = section_notes["mistakes"], section_notes["preview"]
     if source.kind == "cv":
-        cv = source.cv
-        fa = cv["fold_acc"]
-        final = mean_std([p["final_val_acc"] for p in cv["per_fold"]])
-        rows = [[p["fold"], p["run"], p["val_images"], f"{p['acc']:.4f}", p["best_epoch"],
-                 f"{p['final_val_acc']:.4f}", f"{p['seconds']:.0f}"] for p in cv["per_fold"]]
-        foot = ["mean ± std", "", sum(p["val_images"] for p in cv["per_fold"]), f"{fa['mean']:.4f} ± {fa['std']:.4f}",
-                "", f"{final['mean']:.4f} ± {final['std']:.4f}", ""]
-        parts.append(f"<h2>Folds ({cv['folds']}, seed {cv['seed']})</h2>")
-        parts.append(_table(["fold", "run", "held-out images", "accuracy (best weights)", "best epoch",
-                             "last-epoch val_acc", "seconds"], rows, foot=foot))
-        parts.append(f"<p>Out-of-fold accuracy {cv['oof_acc']:.4f} on {cv['labelled_images']} images. Std is the "
-                     "sample standard deviation over folds. Each fold's best epoch is chosen on its own held-out "
-                     "part, so these figures are slightly optimistic.</p>")
+        parts += folds_section(source.cv)
     if "curves.png" in pngs:
         parts += ["<h2>Training curves</h2>", _img(pngs["curves.png"], "training curves")]
     held = "out-of-fold" if source.kind == "cv" else "validation"
@@ -601,14 +621,7 @@ def render_html(source: Source, cfg: config.Config | None, pngs: dict[str, bytes
             parts.append(_img(pngs["mistakes.png"], "most confident mistakes"))
         if mistake_note:
             parts.append(f'<p class="note">{e(mistake_note)}</p>')
-    parts.append("<h2>Augmentation preview</h2>")
-    if "preview.png" in pngs:
-        parts.append(f"<p>One training image of each of the first {len(preview_rows)} classes (rows: "
-                     f"{e(', '.join(preview_rows))}): first column the evaluation view, then {PREVIEW_VIEWS} views drawn "
-                     "by the run's training augmentation, through the training code (`imgcls preview` makes more).</p>")
-        parts.append(_img(pngs["preview.png"], "augmentation preview"))
-    else:
-        parts.append(f'<p class="note">Not available: {e(preview_note or "no configuration or manifest")}.</p>')
+    parts += preview_section(pngs, preview_rows, preview_note)
     config_name = "config.yaml" + (" (shared by the folds)" if source.kind == "cv" else "")
     parts += [f"<h2>Configuration ({e(config_name)})</h2>", f'<pre class="cols">{e(source.config_text)}</pre>']
     manifest_name = "manifest.json" + (f" of {source.cv['per_fold'][0]['run']}" if source.kind == "cv" else "")

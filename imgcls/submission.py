@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -45,7 +44,5 @@ def write(ds: Dataset, predictions: dict[str, int], path: str | Path) -> Path:
     writer.writerows(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmpfiles.temp_path(path)
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    tmpfiles.write_text(path, buf.getvalue())
     return path

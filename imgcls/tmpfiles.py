@@ -1,5 +1,6 @@
-"""Temp files written beside their target and renamed into place (cache, checkpoints, submissions),
-and the clean-up of those a killed process left behind.
+"""Every file imgcls writes is written atomically here (a temp file beside the target, fsync, rename:
+checkpoints, run files, submissions, the cache's index), and the temp files a killed process left
+behind are cleaned up.
 
 A temp file is named `.<target name>.<host>~<pid>.tmp` (`.tmp.npy` for the cache): a run that owns
 the folder later removes the ones whose process is gone (this host, no such pid), never those of a
@@ -8,10 +9,13 @@ the cache build left 169 MB per try for tiny-imagenet at 32 px before (issue 16)
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
 from pathlib import Path
+
+from imgcls.errors import UserError
 
 # `.<name>.<host>~<pid>.tmp`, or `.<name>.<pid>.tmp` as imgcls wrote them before it recorded the host.
 PATTERN = re.compile(r"^\.(?P<name>.+)\.(?:(?P<host>[\w-]+)~)?(?P<pid>\d+)\.tmp(?:\.npy)?$")
@@ -53,3 +57,27 @@ def remove_stale(folder: Path) -> list[Path]:
         except FileNotFoundError:  # another run cleaned it first
             pass
     return removed
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, fsync, rename. The bytes are made in memory first and
+    written here by Python, so a full disk is an OSError (ENOSPC): torch.save straight to a path reports
+    it as an opaque RuntimeError ("unexpected pos"), and safetensors' save_file may not report it at all."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a VM or container killed hard keeps a whole file
+        os.replace(tmp, path)  # a reader never sees half a file, and a crash keeps the previous one
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"The disk is full while writing {path}. Free space there, or write the run "
+                            "to a disk with room (--out).") from None
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode())

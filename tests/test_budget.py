@@ -59,11 +59,11 @@ def test_the_planned_schedule_runs_to_its_end(food11_tiny, tmp_path, monkeypatch
 
 
 def test_a_plan_the_epochs_outrun_is_shortened_so_the_decay_still_ends_in_time(food11_tiny, tmp_path, monkeypatch):
-    """Calibration steps 100x faster than the real ones (a machine that slows down after the calibration):
+    """Calibration steps far faster than the real ones (a machine that slows down after the calibration):
     the plan is shortened at the first epoch's end, the run still ends inside the limit and its last step
     has the shortened schedule's last learning rate."""
-    timing = planning.Timing(step_seconds=0.0005, size=16, eval_seconds=0.005, save_seconds=0.005, n_val=9, n_test=5,
-                             calibration_seconds=0.0)
+    timing = planning.Timing(step_seconds=0.00005, size=16, eval_seconds=0.0005, save_seconds=0.0005, n_val=9,
+                             n_test=5, calibration_seconds=0.0)
     monkeypatch.setattr(planning, "calibrate", lambda trainer, files: timing)
     limit, t0 = 12, time.time()
     result = imgcls.train(food11_tiny, tmp_path / "run", verbose=False, **{**SETTINGS, "epochs": "auto",
@@ -93,11 +93,8 @@ def test_epochs_auto_needs_a_time_limit_and_one_epoch_that_fits(food11_tiny, tmp
 
 
 def test_the_plan_counts_steps_at_each_progressive_size(monkeypatch):
-    class Cfg:  # what planning.cost reads of a trainer
-        class data:
-            image_size, prog_scale, prog_end = 128, 0.5, 0.75
-
-    trainer = type("T", (), {"cfg": Cfg, "steps_per_epoch": 10})()
+    cfg = config.resolve(overrides={"image_size": 128, "prog_scale": 0.5, "prog_end": 0.75})
+    trainer = optim.Schedule(4, 10, 32, cfg.optim, cfg.data)  # what planning.cost reads: steps and sizes
     timing = planning.Timing(step_seconds=1.0, size=128, eval_seconds=2.0, save_seconds=0.5, n_val=10, n_test=10,
                              calibration_seconds=0)
     # 4 epochs from half size: 64, 80, 96 px, then full size from epoch round(0.75 * 4) = 3 on.

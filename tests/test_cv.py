@@ -55,10 +55,10 @@ def test_cv_writes_fold_runs_oof_summary_submission_and_reruns_a_failed_fold_alo
     out = tmp_path / "cv"
     real_fit = training.fit
 
-    def fit_failing_fold_1(cfg, prep, run_dir, **kw):
-        if run_dir.name == "fold-1":
+    def fit_failing_fold_1(loop, files, **kw):
+        if files.out.name == "fold-1":
             raise RuntimeError("simulated out of memory")
-        return real_fit(cfg, prep, run_dir, **kw)
+        return real_fit(loop, files, **kw)
 
     monkeypatch.setattr(training, "fit", fit_failing_fold_1)
     assert cli.main(["cv", str(food11_tiny), "--folds", "3", "--out", str(out), *FAST]) == 1

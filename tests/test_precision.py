@@ -228,7 +228,7 @@ def test_a_state_from_before_the_scaler_resumes(food11_tiny, tmp_path):
     for key in ("finite", "skipped"):
         del state["partial"][key]
     checkpoint.save_state(state, run / "state.pt")
-    assert cli.main(["train", str(food11_tiny), "--out", str(run), "epochs=2", *SGD]) == 0
+    assert cli.main(["train", str(food11_tiny), "--out", str(run), f"resume={run}", "epochs=2", *SGD]) == 0
     assert [m["epoch"] for m in metrics(run)] == [1, 2]
     assert checkpoint.load_state(run / "state.pt")["scaler"]["_growth_tracker"] == 3  # a fresh scaler, 3 steps
 

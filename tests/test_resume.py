@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import FAST, colour_food11
-from imgcls import cache, checkpoint, cli, config, trainer, training
+from imgcls import cache, checkpoint, cli, config, planning, tmpfiles, trainer
 from imgcls.errors import UserError
 
 # Every epoch-level field except the timings, which differ between any two runs.
@@ -133,7 +133,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(colours, referenc
 def kill_and_resume(colours: Path, reference: dict, tmp_path: Path) -> list[Path]:
     """IMGCLS_KILLS random SIGKILLs of the reference's command, each resumed and compared with it bit for
     bit; returns the resumed run directories."""
-    # SystemRandom: an in-process training earlier in the session has called random.seed(seed=) (trainer.seed_everything)
+    # SystemRandom: an in-process training earlier in the session has called random.seed(seed=) (state.seed_everything)
     seed = int(os.environ.get("IMGCLS_KILL_SEED", random.SystemRandom().randrange(1 << 30)))
     rng = random.Random(seed)
     runs = []
@@ -199,8 +199,8 @@ def test_time_limit_stops_saves_writes_the_submission_and_says_how_to_resume(foo
 def test_stop_reserve_keeps_time_for_the_evaluation_and_the_submission():
     # 1 s per 100 validation images: 2 s to evaluate, then 2 s (val) + 3 s (300 test images) in finish(),
     # a 0.5 s step, and a margin of 10% of the limit, at most a minute.
-    assert training.stop_reserve(eval_seconds=2.0, step_seconds=0.5, n_val=200, n_test=300, limit=100) == 0.5 + 2 + 5 + 10
-    assert training.stop_reserve(eval_seconds=0, step_seconds=0, n_val=1, n_test=0, limit=11.5 * 3600) == 60
+    assert planning.stop_reserve(eval_seconds=2.0, step_seconds=0.5, n_val=200, n_test=300, limit=100) == 0.5 + 2 + 5 + 10
+    assert planning.stop_reserve(eval_seconds=0, step_seconds=0, n_val=1, n_test=0, limit=11.5 * 3600) == 60
 
 
 class CreatesAFile:
@@ -268,14 +268,14 @@ def test_damaged_state_pt_says_so(food11_tiny, tmp_path, capsys):
     assert cli.main(["train", str(food11_tiny), "--out", str(run), *FAST, "epochs=1"]) == 0
     data = (run / "state.pt").read_bytes()
     (run / "state.pt").write_bytes(data[:len(data) // 2])  # a half-uploaded checkpoint
-    assert cli.main(["train", str(food11_tiny), "--out", str(run), "epochs=2"]) == 1
+    assert cli.main(["train", str(food11_tiny), "--out", str(run), f"resume={run}", "epochs=2"]) == 1
     assert f"{run / 'state.pt'} is damaged or not a torch checkpoint" in capsys.readouterr().err
 
 
 def test_resume_with_another_model_is_refused_with_a_message(food11_tiny, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["train", str(food11_tiny), "--out", str(run), *FAST, "epochs=1"]) == 0
-    assert cli.main(["train", str(food11_tiny), "--out", str(run), "epochs=2", "width=16"]) == 1
+    assert cli.main(["train", str(food11_tiny), "--out", str(run), f"resume={run}", "epochs=2", "width=16"]) == 1
     err = capsys.readouterr().err
     assert f"{run / 'state.pt'} does not fit this model and settings" in err and "do not override model=" in err
 
@@ -327,7 +327,7 @@ def test_full_disk_while_checkpointing_names_the_setting(food11_tiny, tmp_path, 
         if len(writes) > 3:
             raise OSError(errno.ENOSPC, "No space left on device")
         fsync(fd)
-    monkeypatch.setattr(checkpoint.os, "fsync", full_after_three)
+    monkeypatch.setattr(tmpfiles.os, "fsync", full_after_three)
     assert cli.main(["train", str(food11_tiny), "--out", str(tmp_path / "r"), *FAST]) == 1
     err = capsys.readouterr().err
     assert f"The disk is full while writing {tmp_path / 'r'}" in err and "(--out)" in err

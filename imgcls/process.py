@@ -1,5 +1,6 @@
-"""The process's memory allocator: glibc malloc settings for a training process. No torch import,
-so the command line can call it before it knows whether the command needs torch."""
+"""Settings of a training process, applied the same way from the command line and from Python (run.run
+calls tune()): glibc's allocator. No torch import, so the command line can call it before it knows
+whether the command needs torch."""
 from __future__ import annotations
 
 import ctypes
@@ -25,3 +26,8 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def tune() -> None:
+    """Everything a training process sets for itself; idempotent."""
+    keep_freed_memory()
