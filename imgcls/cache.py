@@ -2,18 +2,24 @@
 
 The cache file is keyed by a fingerprint of the file list, sizes, modification times and the
 resize settings, so later runs reuse it and any change to the data rebuilds it. Decoding runs in
-parallel on all cores. This module does not import torch (its workers start fast).
+worker processes on all cores (decode_all). This module does not import torch (its workers start fast).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
-import multiprocessing as mp
 import os
+import queue
+import subprocess
+import sys
+import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -117,17 +123,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("IMGCLS_CACHE") or Path.home() / ".cache" / "imgcls")
 
 
-def _decode_rows(args) -> tuple[int, dict[int, str]]:
-    """Worker: decode rows [start, stop) straight into the memory-mapped file."""
-    file, paths, start, size, resize = args
-    out = np.load(file, mmap_mode="r+")
+def decode_rows(out: np.ndarray, paths: list[Path], start: int, size: int, resize: str) -> tuple[int, dict[int, str]]:
+    """Decode `paths` into rows start.. of `out` (the memory-mapped cache); returns (count, row -> why failed)."""
     failed = {}
     for i, p in enumerate(paths):
         try:
             out[start + i] = decode(p, size, resize)
         except (DecodeError, OSError) as e:  # OSError: the file vanished or cannot be opened
             failed[start + i] = str(e) if isinstance(e, DecodeError) else f"cannot open: {e}"
-    out.flush()
     return len(paths), failed
 
 
@@ -152,6 +155,86 @@ def _allocate(path: Path, shape: tuple[int, ...], cache_dir: Path) -> None:
         raise
 
 
+def decode_all(file: Path, paths: list[Path], *, size: int, resize: str, workers: int, chunk: int,
+               done: Callable[[int], object] = lambda n: None) -> dict[int, str]:
+    """Decode every path into the memory-mapped .npy `file` with `workers` processes, `chunk` files a task;
+    returns row -> why that file failed. A worker is `python -m imgcls.cache FILE SIZE RESIZE`, fed tasks on
+    its standard input: unlike a multiprocessing pool it never imports the user's script (a spawned
+    process re-ran a script without an `if __name__ == "__main__":` guard, which started imgcls again,
+    without end), and one that dies stops the build at once with its last error lines. Processes, not
+    threads: on 2 cores threads decoded food-10 as fast but tiny-imagenet's 64 px JPEGs 1.7x slower
+    (Python's per-image work holds the GIL; benchmarks/decode_pool.py)."""
+    tasks = queue.SimpleQueue()
+    for i in range(0, len(paths), chunk):
+        tasks.put((i, paths[i:i + chunk]))
+    failed: dict[int, str] = {}
+
+    def feed_one_worker() -> None:
+        argv = [sys.executable, "-m", "imgcls.cache", str(file), str(size), resize]
+        with tempfile.TemporaryFile("w+") as errors, subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"}) as worker:  # stderr to a file: a full pipe would block it
+            for start, part in iter(lambda: tasks.get() if not tasks.empty() else None, None):
+                reply = ""
+                with contextlib.suppress(BrokenPipeError):
+                    worker.stdin.write(json.dumps({"start": start, "paths": [str(p) for p in part]}) + "\n")
+                    worker.stdin.flush()
+                    reply = worker.stdout.readline()
+                if not reply:
+                    worker.kill()
+                    with contextlib.suppress(OSError):  # what was written to the dead worker cannot be flushed
+                        worker.stdin.close()
+                    errors.seek(0)
+                    why = errors.read().strip().splitlines()[-3:]
+                    raise UserError(f"An image-decoding worker process died (exit status {worker.wait()}): "
+                                    f"{' / '.join(why) or 'no message'}. decode_workers=1 decodes in this process "
+                                    "instead (slower, but without worker processes).")
+                result = json.loads(reply)
+                failed.update({int(k): v for k, v in result["failed"].items()})
+                done(result["n"])
+            worker.stdin.close()
+
+    if workers == 1 or len(paths) <= chunk:  # one task: no worker to start
+        with _memmap(file) as out:
+            for start in range(0, len(paths), chunk):
+                n, f = decode_rows(out, paths[start:start + chunk], start, size, resize)
+                failed.update(f)
+                done(n)
+        return failed
+    with ThreadPoolExecutor(workers, thread_name_prefix="imgcls-decode") as pool:  # one feeding thread per worker
+        try:
+            for future in as_completed([pool.submit(feed_one_worker) for _ in range(workers)]):
+                future.result()  # a dead worker's error, at once
+        except BaseException:  # Ctrl-C or a dead worker: the others stop after their current task
+            while not tasks.empty():
+                tasks.get()
+            raise
+    return failed
+
+
+@contextlib.contextmanager
+def _memmap(file: Path):
+    out = np.load(file, mmap_mode="r+")
+    try:
+        yield out
+    finally:
+        out.flush()
+        del out
+
+
+def _worker() -> None:
+    """`python -m imgcls.cache FILE SIZE RESIZE`: decode the tasks read from standard input (one JSON line
+    each: start row and paths) into FILE, replying with one JSON line each (count, row -> why failed)."""
+    file, size, resize = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    with _memmap(file) as out:
+        for line in sys.stdin:
+            task = json.loads(line)
+            n, f = decode_rows(out, [Path(p) for p in task["paths"]], task["start"], size, resize)
+            out.flush()
+            sys.stdout.write(json.dumps({"n": n, "failed": {str(k): v for k, v in f.items()}}) + "\n")
+            sys.stdout.flush()
+
+
 def build(paths: list[Path], *, size: int, resize: str = "squash", cache_dir: str | Path = "",
           workers: int = 0, progress: bool = True, name: str = "images") -> Cache:
     """Return the cache for these files, building it (in parallel) unless a matching one exists."""
@@ -174,25 +257,11 @@ def build(paths: list[Path], *, size: int, resize: str = "squash", cache_dir: st
     _allocate(tmp, (len(paths), size, size, 3), cache_dir)
     workers = workers or os.cpu_count() or 1
     chunk = max(16, min(512, len(paths) // (workers * 8) + 1))
-    jobs = [(tmp, paths[i:i + chunk], i, size, resize) for i in range(0, len(paths), chunk)]
-    failed: dict[int, str] = {}
     from tqdm.auto import tqdm  # progress display only
     bar = tqdm(total=len(paths), desc=f"decoding {name} at {size}px", unit="img", disable=not progress,
                dynamic_ncols=True)
     try:
-        if workers == 1 or len(paths) < 256:
-            results = map(_decode_rows, jobs)
-            pool = None
-        else:
-            # spawn, not fork: the parent may already hold torch's thread pools.
-            pool = mp.get_context("spawn").Pool(workers)
-            results = pool.imap_unordered(_decode_rows, jobs)
-        for n, f in results:
-            failed.update(f)
-            bar.update(n)
-        if pool:
-            pool.close()
-            pool.join()
+        failed = decode_all(tmp, paths, size=size, resize=resize, workers=workers, chunk=chunk, done=bar.update)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -203,3 +272,7 @@ def build(paths: list[Path], *, size: int, resize: str = "squash", cache_dir: st
                                                "failed": {str(k): v for k, v in sorted(failed.items())}}))
     os.replace(tmp, file)  # atomic, and last: a half-built cache is never mistaken for a whole one
     return Cache(np.load(file, mmap_mode="r"), failed, file, built=True)
+
+
+if __name__ == "__main__":
+    _worker()
