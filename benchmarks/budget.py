@@ -11,7 +11,7 @@ Tasks: `food10` = food-10 at 128 px, training/ -> validation/ (1,000 images); `t
 classes of tiny-imagenet-100 at 64 px, a stratified 20% of their 10,000 labelled images held out.
 Rows:
   imgcls    `imgcls train DATA --out RUN epochs=E seed=S` (no other flag: the defaults).
-  baseline  the recipe before issue 15, at --baseline-rev (a git worktree of it under /tmp), with a sane
+  baseline  the recipe before issue 15, at --baseline-rev (a git worktree of it under /tmp, which still has configs/), with a sane
             model: `--config configs/food11.yaml model=timm:resnet18` (resp. tiny-imagenet.yaml).
   timm      timm's train.py pipeline (benchmarks/time_to_accuracy.py: workers decode and augment every
             image every epoch) training the imgcls default model with timm's train.py recipe

@@ -4,7 +4,7 @@ settings (`imgcls train ... epochs=1`) and its epoch's `seconds` from metrics.js
 what the estimate predicts). `subset=` keeps the real runs short; the check estimates that same run.
 
     flock -x /tmp/imgcls.lock python benchmarks/check_estimate.py --data /work/data/tiny-imagenet-100 \
-        --configs configs/tiny-imagenet*.yaml --set subset=0.1 [--skip-train]
+        --configs imgcls/presets/tiny-imagenet*.yaml --set subset=0.1 [--skip-train]
 """
 from __future__ import annotations
 

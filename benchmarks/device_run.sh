@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call of the device tool's `run` (issue 34): set up imgcls on a bare GPU machine from what travels
-# with the tree, run benchmarks/gpu_check.py and one full configs/tiny-imagenet.yaml training with
+# with the tree, run benchmarks/gpu_check.py and one full --config tiny-imagenet training with
 # epochs=auto time_limit= on a carried tiny-imagenet-100 subset, and print a short table last.
 #
 #   bash benchmarks/device_run.sh [--data .devdata/tiny-imagenet-100-first60.tar.gz] [--wheels .whl]
@@ -198,7 +198,7 @@ train() {
     local rc run=$WORK/run
     # time_limit= is imgcls's own hard stop; the timeout only catches a hang past it.
     timeout -k 30 $((TIME_LIMIT + 90)) "$PY" -m imgcls train "$DATA_DIR" --out "$run" \
-        --config configs/tiny-imagenet.yaml epochs=auto "time_limit=${TIME_LIMIT}s" "device=$DEVICE" progress=false \
+        --config tiny-imagenet epochs=auto "time_limit=${TIME_LIMIT}s" "device=$DEVICE" progress=false \
         "${TRAIN_ARGS[@]}" 2>&1 | tee "$WORK/train.txt"
     rc=$?
     for f in submission.csv metrics.jsonl plan.json config.yaml report.html; do

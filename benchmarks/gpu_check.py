@@ -4,7 +4,7 @@
         [--sizes 64 128] [--epochs 4] [--out DIR]
     python benchmarks/gpu_check.py --device cpu --quick      # CI: tiny model and data, under a minute
 
-Prints a header (date, commit, device, torch), then per model and size (configs/tiny-imagenet.yaml
+Prints a header (date, commit, device, torch), then per model and size (the tiny-imagenet preset
 with epochs=--epochs, the cache at that size):
   - train img/s end to end: trainer.train_step (cache rows -> augmentation on the device -> step)
     over whole epochs, clock read after torch.cuda.synchronize(); median of the epochs after the
@@ -49,7 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 import imgcls  # noqa: E402
 from imgcls import api, augment, config, data as datalib, distributed, hardware, layouts, trainer, training  # noqa: E402
 
-TINY_CONFIG = REPO / "configs" / "tiny-imagenet.yaml"
+TINY_CONFIG = "tiny-imagenet"  # the preset shipped in the package
 QUICK = {"models": ["tinycnn:8"], "sizes": [16, 32], "epochs": 2, "synthetic_steps": 4,  # 5 steps per epoch
          "overrides": {"batch_size": 32, "eval_batch_size": 64, "ema": 0.0, "decode_workers": 1}}
 
@@ -210,7 +210,7 @@ def peak_memory(device: torch.device) -> str:
 
 
 def model_table(bench: Bench, models: list[str], sizes: list[int]) -> None:
-    lines = [f"recipe: {bench.config.name if bench.config else 'defaults'} with epochs={bench.args.epochs}"
+    lines = [f"recipe: {bench.config if bench.config else 'defaults'} with epochs={bench.args.epochs}"
              f"{' ' + ' '.join(f'{k}={v}' for k, v in bench.quick['overrides'].items()) if bench.quick else ''}, "
              "amp/channels_last/data_on_device auto",
              f"{'model':14s} {'px':>4s} {'batch':>5s} {'train img/s':>12s} {'step img/s':>11s} {'ratio':>7s}  "

@@ -26,7 +26,7 @@ import torch
 
 from imgcls import augment, config, data, hardware, process
 
-# The aug section of configs/food11.yaml: what a food-11 run does by default.
+# The aug section of the food11 preset: what a food-11 run does by default.
 FOOD11_AUG = ["crop_scale=0.25,1.0", "hflip=0.5", "brightness=0.2", "contrast=0.2", "saturation=0.2"]
 
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="/work/data/food-10", help="a dataset folder (any layout imgcls reads)")
     p.add_argument("--size", type=int, default=128, help="px, side of the augmented images")
-    p.add_argument("--batch", type=int, default=128, help="images per batch (configs/food11.yaml trains with 128)")
+    p.add_argument("--batch", type=int, default=128, help="images per batch (the food11 preset trains with 128)")
     p.add_argument("--epochs", type=int, default=3, help="passes over the training split, per pipeline")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where imgcls augments")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers (default: all cores)")

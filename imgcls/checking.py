@@ -28,13 +28,14 @@ import numpy as np
 import torch
 
 from imgcls import (config, data as datalib, distributed, ensemble, finetune, hardware, inference, layouts, optim,
-                    planning, reporting, run, rundir)
+                    planning, reporting, run, rundir, tmpfiles)
 from imgcls.config import Config
 from imgcls.data import Prepared
 from imgcls.errors import UserError
 from imgcls.models import create_model
 from imgcls.optim import Schedule
 
+CHECK_PREFIX = "imgcls-check-"  # the temporary folder of a check without --out
 CPU_VAL_IMAGES = 16  # validation images scored on a CPU: enough to time evaluation, few enough for seconds
 TEST_IMAGES = 8  # test images predicted with the TTA views and written as the check's submission
 
@@ -98,7 +99,8 @@ def out_folder(out: str | Path | None, stack: contextlib.ExitStack) -> tuple[Pat
     """(folder to write into, the kept folder or None): `out` when given (new or empty, and writable),
     else a temporary folder removed when `stack` closes."""
     if out is None:
-        return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="imgcls-check-"))), None
+        tmpfiles.remove_stale_dirs(CHECK_PREFIX)  # what a killed check left (~200 MB for a real dataset)
+        return Path(stack.enter_context(tmpfiles.temp_dir(CHECK_PREFIX))), None
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} is not an empty folder: the check writes a run, a submission and a report "
@@ -110,6 +112,7 @@ def out_folder(out: str | Path | None, stack: contextlib.ExitStack) -> tuple[Pat
     except OSError as e:
         raise UserError(f"--out {out} is not writable ({e.strerror or e}): choose a folder you can write to, or "
                         "leave --out off to check in a temporary folder.") from None
+    stack.enter_context(rundir.claim(out, "check"))  # one process at a time
     return out, out
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from imgcls import __version__
-from imgcls.errors import UserError
+from imgcls.errors import UserError, command_line
 
 COMMANDS = {}
 
@@ -73,7 +73,7 @@ def cmd_train(args) -> int:
         why = {"time_limit": f"to stay within time_limit={cfg.run.time_limit}", "interrupted": "on Ctrl-C"}
         print(f"stopped {why.get(result.stopped, result.stopped)} after {result.epochs_done} of {cfg.run.epochs} "
               f"epoch(s); the state is saved in {Path(args.out) / 'state.pt'}. Resume with:\n"
-              f"  imgcls train {args.data} --out {args.out} resume={args.out}")
+              f"  {command_line('train', args.data, '--out', args.out, f'resume={args.out}')}")
         if result.stopped == "time_limit" and not result.submission:
             print("no epoch finished within the time limit, so there are no best weights and no submission yet.")
     if result.submission:
@@ -162,7 +162,7 @@ def cmd_cv(args) -> int:
         return 130
     for f in result.failed:
         print(f"fold {f} did not finish; rerun it alone with:\n"
-              f"  imgcls cv {args.data} --out {out} --folds {result.folds} --fold {f}")
+              f"  {command_line('cv', args.data, '--out', out, '--folds', result.folds, '--fold', f)}")
     if result.missing:
         print(f"fold(s) {', '.join(map(str, result.missing))} of {result.folds} are not finished; cv.json is "
               "written once all are.")
@@ -219,6 +219,17 @@ def cmd_models(args) -> int:
               + f"  {p.summary}")
     print(f"model=auto: {recipes.model_for(64)} up to 64 px, {recipes.model_for(128)} above; any timm model as "
           "model=timm:<name>")
+    return 0
+
+
+@command
+def cmd_presets(args) -> int:
+    from imgcls import presets
+
+    for p in presets.listing():
+        print(f"{p.name}\n  for: {p.purpose}\n  measured: {p.measured}")
+    print(f"use one with --config NAME (e.g. imgcls train DATA --out RUN --config {presets.names()[0]}); "
+          f"the files are in {presets.folder()}")
     return 0
 
 
@@ -351,6 +362,8 @@ SUBCOMMANDS = {
     "report": ("plots (curves, confusion matrix, per-class accuracy, mistakes) and one self-contained report.html "
                "for a run or cv directory", args_report),
     "demo": ("train on a small dataset bundled with scikit-learn; no data needed", args_demo),
+    "presets": ("the settings presets shipped with imgcls (--config NAME): what each is for and its measured figure",
+                lambda sp: None),
 }
 
 

@@ -303,9 +303,14 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Config file {path} does not exist.")
+    """A settings file: a path, or the name of a preset shipped in the package (imgcls/presets)."""
+    from imgcls import presets
+
+    found = presets.find(path)
+    if found is None:
+        raise UserError(f"Config file {path} does not exist, and it is not the name of a preset "
+                        f"({', '.join(presets.names())}; `imgcls presets` says what each is for).")
+    path = found
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

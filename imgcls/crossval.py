@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from imgcls import config, data, jobs, planning, reporting, run, tmpfiles
+from imgcls import config, data, jobs, planning, reporting, run, rundir, tmpfiles
 from imgcls.data import Prepared
 from imgcls.errors import UserError
 
@@ -32,9 +32,14 @@ def stratified_folds(labels: np.ndarray, k: int, *, seed: int) -> np.ndarray:
     counts = np.bincount(labels)
     small = [c for c in np.flatnonzero(counts) if counts[c] < k]
     if small:
+        fewest = int(counts[np.flatnonzero(counts)].min())
+        advice = (f"Use --folds {fewest} or fewer." if fewest >= 2 else
+                  f"Class {int(np.flatnonzero(counts == fewest)[0])} has a single labelled image, so no fold count "
+                  "works: add images to it (or remove the class), or train with `imgcls train` and a held-out "
+                  "split instead.")
         raise UserError(f"{len(small)} class(es) have fewer labelled images than the {k} folds "
                         f"(e.g. class {small[0]} has {counts[small[0]]}); every fold needs each class in its "
-                        f"validation part. Use --folds {max(2, int(counts[np.flatnonzero(counts)].min()))} or fewer.")
+                        f"validation part. {advice}")
     fold = np.empty(len(labels), dtype=np.int64)
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     for f, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
@@ -155,6 +160,7 @@ class CvResult:
 def settings(out: Path, resolve: Callable[[dict | None], config.Resolved]) -> config.Resolved:
     """The settings of a cv directory: a rerun takes the first run's (DIR/config.yaml) as its
     defaults, so unfinished folds train like the others; resolve(defaults) applies the rest."""
+    rundir.check_owned(out, "cv")  # before reading its config.yaml: a folder of the user's own is refused
     saved = out / "config.yaml"
     resolved = resolve(config.load_yaml(saved) if saved.is_file() else None)
     if resolved.cfg.run.resume:

@@ -269,6 +269,9 @@ def predict_runs(runs: list[str | Path], data_root: str | Path, out: str | Path,
     from imgcls.inference import check_tta
 
     check_tta(tta, tta_weight, tta_views)  # before any image is decoded
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: --out is the submission file to write, e.g. {out / 'submission.csv'}.")
     members = [member(r) for r in runs]
     weights = parse_weights(weights, len(members))
     preps = []  # (data settings, Prepared): runs trained at other image sizes need their own cache

@@ -132,6 +132,8 @@ TTA_VIEWS = {"fixed": fixed_views, "aug": aug_views}
 
 def check_tta(n: int, weight: float, views: str) -> None:
     """Refuse TTA settings that cannot work, before any image is read (predict and check call it first)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise UserError(f"--tta is the number of test-time views besides the plain one: 0 or more, got {n}.")
     if not 0 <= weight <= 1:
         raise UserError(f"--tta-weight is the plain view's weight in [0, 1], got {weight}.")
     if views not in TTA_VIEWS:

@@ -100,9 +100,11 @@ def visible_gpus() -> list[str]:
 
 
 def run_parallel(jobs: list[tuple[list[str], Path]], gpus: list[str], *,
-                 on_start: Callable[[int, str], None] | None = None, poll_seconds: float = 2.0) -> list[int]:
+                 on_start: Callable[[int, str], None] | None = None, on_end: Callable[[int, int], None] | None = None,
+                 poll_seconds: float = 2.0) -> list[int]:
     """Run each (argv, log file) as a subprocess, at most one per GPU at a time, the child seeing only
-    its GPU (CUDA_VISIBLE_DEVICES). Output goes to the log. Returns exit codes in job order.
+    its GPU (CUDA_VISIBLE_DEVICES). Output goes to the log; on_end(i, exit status) as soon as one ends.
+    Returns exit codes in job order.
 
     Processes, not threads or DDP: each fold/seed is an independent run, so nothing is shared and
     one that fails (e.g. out of memory) leaves the others running."""
@@ -129,6 +131,8 @@ def run_parallel(jobs: list[tuple[list[str], Path]], gpus: list[str], *,
                     codes[i] = proc.returncode
                     handle.close()
                     del running[gpu]
+                    if on_end:
+                        on_end(i, proc.returncode)
     finally:
         for i, proc, handle in running.values():  # interrupted: stop the children we started
             proc.terminate()
@@ -153,13 +157,16 @@ def run_jobs(jobs: list[Job], cfg: Config, *, after: int = 0, prep=None, log: Lo
             rundir.mark(job.dir, "train")
             tmpfiles.write_text(job.dir / "spec.json", spec.to_json())
             argv.append(([sys.executable, "-m", "imgcls.worker", str(job.dir / "spec.json")], job.dir / "log.txt"))
-        run_parallel(argv, gpus, on_start=lambda i, gpu: log(f"{jobs[i].name}: started on GPU {gpu}, log "
-                                                             f"{jobs[i].dir / 'log.txt'}"))
-        for job in jobs:
-            outcomes[job.name] = read_outcome(job.dir) or {"status": "failed",
-                                                           "error": f"it exited early; see {job.dir / 'log.txt'}"}
+        def ended(i: int, code: int) -> None:  # said at once, while the others train on
+            job = jobs[i]
+            outcomes[job.name] = read_outcome(job.dir) or {
+                "status": "failed", "error": f"it exited with status {code} before writing its outcome; see "
+                                             f"{job.dir / 'log.txt'}"}
             log(outcome_line(job.name, job.dir, outcomes[job.name]))
-        return outcomes
+
+        run_parallel(argv, gpus, on_end=ended, on_start=lambda i, gpu: log(f"{jobs[i].name}: started on GPU {gpu}, "
+                                                                           f"log {jobs[i].dir / 'log.txt'}"))
+        return {job.name: outcomes[job.name] for job in jobs}
     for i, job in enumerate(jobs):
         log(f"--- {job.name} ({i + 1}/{len(jobs)}): {job.dir}")
         job = replace(job, spec=replace(job.spec, runs_left=len(jobs) - i + after))

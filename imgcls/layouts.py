@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgcls.cache import UNSUPPORTED_FORMATS
-from imgcls.errors import UserError
+from imgcls.errors import UserError, command_line
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".avif", ".jp2",
               ".tga"}
@@ -57,7 +57,7 @@ class Dataset:
         if self.errors:
             listed = "\n  - ".join(self.errors)
             raise UserError(f"{self.root} has {len(self.errors)} problem(s) to fix before training:\n  - {listed}\n"
-                            f"(`imgcls inspect {self.root}` also lists unreadable images, in the same pass.)")
+                            f"(`{command_line('inspect', self.root)}` also lists unreadable images, in the same pass.)")
 
 
 def _images(folder: Path) -> list[Path]:

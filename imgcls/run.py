@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shlex
 import time
 import traceback
 import warnings
@@ -20,7 +21,7 @@ import numpy as np
 
 from imgcls import config, planning, process, rundir
 from imgcls.config import Config
-from imgcls.errors import UserError
+from imgcls.errors import UserError, command_line
 
 Log = Callable[[str], None]
 
@@ -72,7 +73,7 @@ def auto_report(run_dir: Path):
         return reporting.write(run_dir), None
     except Exception as e:  # noqa: BLE001 - never lose a finished run to a plot
         message = (f"the report could not be written ({type(e).__name__}: {e}); the run itself is complete. "
-                   f"Retry with: imgcls report {run_dir}")
+                   f"Retry with: {command_line('report', run_dir)}")
         warnings.warn(message, stacklevel=3)
         return None, message
 
@@ -210,7 +211,8 @@ def finished_result(out: Path, log: Log):
     outcome = rundir.read_outcome(out)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     log(f"{out} is finished ({outcome['epochs']} epochs, best val_acc {outcome['best_val_acc']:.4f} at epoch "
-        f"{outcome['best_epoch']}): nothing to train. To train more, add resume={out} and a larger epochs=.")
+        f"{outcome['best_epoch']}): nothing to train. To train more, add {shlex.quote(f'resume={out}')} and a "
+        "larger epochs=.")
     submission = out / "submission.csv"
     return training.TrainResult(out, outcome["best_val_acc"], outcome["final_val_acc"], outcome["best_epoch"],
                                 outcome["epochs"], "done", metrics, submission if submission.is_file() else None,

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import socket
 import time
 from pathlib import Path
@@ -152,7 +153,8 @@ def check_bound(folder: Path, cfg: Config, prep: Prepared) -> None:
         differences.insert(0, f"data: {saved.get('root')} -> {prep.dataset.root.resolve()} (other images)")
     if differences:
         raise UserError(f"{folder} is a run of other data or settings ({'; '.join(differences)}), so continuing it "
-                        f"would mix two trainings. Choose another --out for a new run, or add resume={folder} to "
+                        f"would mix two trainings. Choose another --out for a new run, or add "
+                        f"{shlex.quote(f'resume={folder}')} to "
                         "continue this run's weights with the new data or settings on purpose.")
 
 

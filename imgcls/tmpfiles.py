@@ -12,7 +12,9 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 from imgcls.errors import UserError
@@ -56,6 +58,24 @@ def remove_stale(folder: Path) -> list[Path]:
             removed.append(p)
         except FileNotFoundError:  # another run cleaned it first
             pass
+    return removed
+
+
+def temp_dir(prefix: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder named `<prefix><host>~<pid>-...` in the system's temp folder, so that one a killed
+    process left behind (SIGTERM, kill -9: its `finally` never ran) is removed by remove_stale_dirs."""
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}{_host()}~{os.getpid()}-")
+
+
+def remove_stale_dirs(prefix: str) -> list[Path]:
+    """Delete the temp_dir(prefix) folders whose process has died on this host; returns them."""
+    pattern = re.compile(rf"^{re.escape(prefix)}(?P<host>[\w-]+)~(?P<pid>\d+)-")
+    removed = []
+    for p in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        m = pattern.match(p.name)
+        if m and p.is_dir() and m["host"] == _host() and not alive(int(m["pid"])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
     return removed
 
 

@@ -365,7 +365,7 @@ def test_bad_augmentation_settings_say_what_to_fix(key, value, fragment):
 
 @pytest.mark.parametrize("preset", ["food11-light", "food11-strong", "tiny-imagenet-light", "tiny-imagenet-strong"])
 def test_presets_resolve_and_build(preset):
-    cfg = config.resolve(file=REPO / "configs" / f"{preset}.yaml")
+    cfg = config.resolve(file=preset)
     steps = augment.build_train_pipeline(cfg.aug, size=cfg.data.image_size)
     rows = photo_rows(4, side=cfg.data.cache_size or cfg.data.image_size)
     x, t = augment.train_views(rows, augment.one_hot(torch.arange(4), 4), gen(), steps)

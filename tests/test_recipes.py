@@ -120,15 +120,13 @@ def test_models_lists_parameters_flops_and_measured_speed(capsys):
     assert "model=auto" in out
 
 
-@pytest.mark.parametrize("preset", [None, "configs/food11.yaml", "configs/tiny-imagenet.yaml", "configs/food11-light.yaml",
-                                    "configs/food11-strong.yaml", "configs/tiny-imagenet-light.yaml",
-                                    "configs/tiny-imagenet-strong.yaml"])
+@pytest.mark.parametrize("preset", [None, "food11", "tiny-imagenet", "food11-light", "food11-strong",
+                                    "tiny-imagenet-light", "tiny-imagenet-strong"])
 def test_no_flags_and_the_shipped_presets_train_with_the_recipe(preset):
-    """`imgcls train DATA` and `--config configs/<task>.yaml` both get the measured recipe (issue 15)."""
-    root = Path(__file__).resolve().parents[1]
-    cfg = config.resolve(file=root / preset if preset else None)
+    """`imgcls train DATA` and `--config <preset>` both get the measured recipe (issue 15)."""
+    cfg = config.resolve(file=preset)
     size = cfg.data.image_size
-    optimizer = "muon" if preset in (None, "configs/food11.yaml", "configs/tiny-imagenet.yaml") else "lamb"  # measured there
+    optimizer = "muon" if preset in (None, "food11", "tiny-imagenet") else "lamb"  # measured there
     assert (cfg.optim.optimizer, cfg.optim.schedule, cfg.optim.ema) == (optimizer, "flat_cos", "auto")
     assert cfg.optim.lr == recipes.OPTIMIZERS[optimizer].lr
     assert cfg.optim.weight_decay == recipes.OPTIMIZERS[optimizer].weight_decay
