@@ -119,6 +119,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "auto"  # auto | bf16 | fp16 | off (auto: by device, see hardware.auto_amp; fp16 uses a GradScaler)
     channels_last: str = "auto"  # auto | true | false (auto: on with amp, and on the CPU)
+    threads: int = "auto"  # torch's CPU threads: auto (on the CPU, the count that trains fastest now: process.ThreadTuner) | N
     compile: bool = False  # torch.compile the model
     deterministic: bool = False
     data_on_device: str = "auto"  # auto | true | false: keep the whole cache on the GPU
@@ -249,7 +250,7 @@ CHOICES = {
 }
 
 
-AUTO = {"epochs", "ema"}  # number keys that also take the word auto
+AUTO = {"epochs", "ema", "threads"}  # number keys that also take the word auto
 
 
 def _set(values: dict[str, dict[str, Any]], given: set[str], key: str, value: Any, index) -> None:
@@ -366,6 +367,7 @@ def validate(cfg: Config) -> None:
         (cfg.run.epochs != "auto" or cfg.run.time_limit,
          "epochs=auto plans the schedule to fit time_limit=: give one too (e.g. time_limit=11h30m), or set epochs=N."),
         (cfg.run.batch_size >= 1, f"batch_size must be at least 1, got {cfg.run.batch_size}."),
+        (cfg.run.threads == "auto" or cfg.run.threads >= 1, f"threads must be auto or at least 1, got {cfg.run.threads}."),
         (cfg.optim.lr > 0, f"lr must be positive, got {cfg.optim.lr}."),
         (0 < cfg.data.eval_crop <= 1, f"eval_crop is the evaluation view's fraction of the side, in (0, 1], got {cfg.data.eval_crop}."),
         (0 <= cfg.data.val_fraction < 1, f"val_fraction must be in [0, 1), got {cfg.data.val_fraction}."),

@@ -107,8 +107,10 @@ def run(spec: RunSpec, *, prep=None, log: Log = lambda text: None, on_epoch: Cal
             if source == out and not spec.cfg.run.resume and rundir.is_done(out):
                 return finished_result(out, log)
             try:
-                result = _train(spec, out, hw, ranks, budget=budget, source=source, prep=prep, rows=rows, log=log,
-                                on_epoch=on_epoch)
+                with process.cpu_threads(spec.cfg.run.threads, device=hw.device.type,
+                                         deterministic=spec.cfg.run.deterministic) as tuner:
+                    result = _train(spec, out, hw, ranks, budget=budget, source=source, prep=prep, rows=rows, log=log,
+                                    on_epoch=on_epoch, tuner=tuner)
                 ranks.barrier()  # rank 0 alone writes logits and submission after the last epoch: tear down together
             except BaseException as e:
                 if ranks.is_main and not isinstance(e, KeyboardInterrupt):
@@ -174,7 +176,7 @@ def _open(spec: RunSpec, out: Path, ranks, *, prep, log: Log):
 
 
 def _train(spec: RunSpec, out: Path, hw, ranks, *, budget: planning.Budget, source: Path | None, prep,
-           rows: dict[str, np.ndarray], log: Log, on_epoch):
+           rows: dict[str, np.ndarray], log: Log, on_epoch, tuner: process.ThreadTuner | None = None):
     """Settle, fit, finish: the run itself, in a claimed folder."""
     from imgcls import finetune, hardware, training
 
@@ -184,7 +186,7 @@ def _train(spec: RunSpec, out: Path, hw, ranks, *, budget: planning.Budget, sour
     saved_plan = json.loads((source / "plan.json").read_text()) if source and (source / "plan.json").is_file() else None
     settled = training.settle(cfg, spec.given, prep=prep, rows=rows, images=images, hw=hw, ranks=ranks, files=files,
                               budget=budget, saved_plan=saved_plan, resuming=source is not None, log=log)
-    loop = training.new_loop(settled, prep, rows, images, hw, ranks)
+    loop = training.new_loop(settled, prep, rows, images, hw, ranks, tuner=tuner)
     if loop.state.pretrained and ranks.is_main:
         log(finetune.init_line(loop.state.pretrained, prep.dataset.num_classes))
     if source:

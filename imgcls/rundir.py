@@ -41,7 +41,7 @@ KINDS = {"train": "an `imgcls train` run", "seeds": "a seeds= folder (one run pe
 # Settings that change where and how fast a run goes and what it logs, not what it learns: a run or a
 # seeds/cv folder may be continued with other values of these.
 RERUN_MAY_CHANGE = {"device", "progress", "eval_batch_size", "data_on_device", "decode_workers", "cache_dir",
-                    "time_limit", "checkpoint_minutes", "compile", "seeds", "tensorboard", "resume"}
+                    "time_limit", "checkpoint_minutes", "compile", "seeds", "tensorboard", "resume", "threads"}
 
 
 # --- owning a folder ---------------------------------------------------------------------------

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from imgcls import config, distributed, ensemble, hardware, inference, planning, submission, tblog, trainer
+from imgcls import (config, distributed, ensemble, hardware, inference, planning, process, submission, tblog,
+                    trainer)
 from imgcls.config import Config
 from imgcls.data import Prepared
 from imgcls.errors import UserError
@@ -85,6 +86,7 @@ class Loop:
     labels: np.ndarray
     rows: dict[str, np.ndarray]
     timer: trainer.StepTimer
+    tuner: process.ThreadTuner | None = None  # threads=auto on the CPU: finds the fastest thread count
     eval_seconds: float = 0.0
 
     @property
@@ -93,11 +95,11 @@ class Loop:
 
 
 def new_loop(settled: Settled, prep: Prepared, rows: dict[str, np.ndarray], images: torch.Tensor,
-             hw: hardware.Hardware, ranks: distributed.Ranks) -> Loop:
+             hw: hardware.Hardware, ranks: distributed.Ranks, *, tuner: process.ThreadTuner | None = None) -> Loop:
     cfg, schedule = settled.cfg, settled.schedule
     state = TrainState(cfg, prep.dataset.num_classes, hw, ranks, ema_decay=schedule.ema_decay())
     batch = trainer.Augmenter(cfg, images, prep.labels, prep.dataset.num_classes, hw)
-    return Loop(cfg, hw, ranks, state, schedule, batch, images, prep.labels, rows, trainer.StepTimer(hw.device))
+    return Loop(cfg, hw, ranks, state, schedule, batch, images, prep.labels, rows, trainer.StepTimer(hw.device), tuner)
 
 
 def schedule_of(cfg: Config, n_train: int) -> Schedule:
@@ -299,6 +301,8 @@ def train_epoch(loop: Loop, rules: StopRules, files: RunFiles) -> None:
     loop.timer.restart()
     for rows in trainer.epoch_batches(state, loop.train_rows, schedule, loop.cfg):
         trainer.train_step(state, loop.batch, rows, schedule=schedule, cfg=loop.cfg, timer=loop.timer)
+        if loop.tuner:
+            loop.tuner.observe(len(rows), loop.timer.step_seconds)
         bar.update()
         if (state.step - 1) % trainer.CHECK_EVERY == 0 or state.step == schedule.steps_per_epoch:
             loss, sums = check_finite(loop), state.sums
