@@ -47,7 +47,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import imgcls  # noqa: E402
-from imgcls import api, augment, config, data as datalib, distributed, hardware, layouts, trainer, training  # noqa: E402
+from imgcls import augment, config, data as datalib, distributed, hardware, layouts, trainer, training  # noqa: E402
 
 TINY_CONFIG = "tiny-imagenet"  # the preset shipped in the package
 QUICK = {"models": ["tinycnn:8"], "sizes": [16, 32], "epochs": 2, "synthetic_steps": 4,  # 5 steps per epoch
@@ -146,7 +146,7 @@ class Bench:
         self.preps: dict[tuple, datalib.Prepared] = {}  # one layout read and cache check per cache size
 
     def cfg(self, **overrides):
-        return api.resolve_config(self.data, self.config, {**self.base, **overrides}).cfg
+        return config.for_data(self.data, self.config, {**self.base, **overrides}).cfg
 
     def train(self, *, synthetic: bool = False, **overrides) -> dict:
         """Train with the recipe (+ overrides) through the training loop's own pieces, timing each epoch honestly."""

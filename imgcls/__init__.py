@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "train": "imgcls.api", "cv": "imgcls.api", "predict": "imgcls.api", "report": "imgcls.api",
     "preview": "imgcls.api", "inspect": "imgcls.api", "demo": "imgcls.api", "InspectResult": "imgcls.api",
-    "check": "imgcls.api", "CheckResult": "imgcls.checking",
+    "check": "imgcls.api", "CheckResult": "imgcls.checking", "tune": "imgcls.api", "TuneResult": "imgcls.tuning",
     "UserError": "imgcls.errors", "TrainResult": "imgcls.training", "CvResult": "imgcls.crossval",
     "RepeatsResult": "imgcls.repeats", "PredictResult": "imgcls.ensemble",
 }

@@ -13,17 +13,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from imgcls.errors import UserError
-
-# Per-layout defaults, under the user's YAML and key=value overrides.
-LAYOUT_DEFAULTS = {
-    "food-11": {"image_size": 128},
-    "tiny-imagenet": {"image_size": 64},
-    "imagefolder": {},
-}
-
 
 def _logger(verbose: bool) -> Callable[[str], None]:
     """Progress lines above any tqdm bar (a notebook keeps both), flushed so child logs interleave right."""
@@ -42,18 +34,6 @@ def _epoch_logger(log: Callable[[str], None]) -> Callable[[dict], None]:
     from imgcls.training import epoch_line
 
     return lambda m: log(epoch_line(m))
-
-
-def resolve_config(data: str | Path | None, config: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                   *, defaults: dict[str, Any] | None = None):
-    """Settings for a dataset: `defaults` (else the layout's, e.g. 128 px for food-11) <- the YAML file
-    `config` <- `overrides` (key -> value, as key=value on the command line). Returns config.Resolved:
-    the Config and the keys that were given."""
-    from imgcls import config as configs, layouts
-
-    if defaults is None and data and Path(data).expanduser().is_dir():
-        defaults = LAYOUT_DEFAULTS[layouts.detect(Path(data).expanduser())]
-    return configs.resolve_given(defaults=defaults or {}, file=config, overrides=dict(overrides or {}))
 
 
 def _hardware(cfg, log: Callable[[str], None]):
@@ -96,7 +76,7 @@ def inspect(data: str | Path, *, config: str | Path | None = None, **overrides) 
     from imgcls import cache, config as configs, data as datalib, layouts
 
     ds = layouts.read(data)
-    cfg = resolve_config(data, config, overrides).cfg
+    cfg = configs.for_data(data, config, overrides).cfg
     samples, split_of = datalib.flatten(ds)
     built = cache.build([s.path for s in samples], size=configs.cache_size(cfg.data),
                         resize=cfg.data.resize, cache_dir=cfg.data.cache_dir, workers=cfg.data.decode_workers,
@@ -119,7 +99,7 @@ def train(data: str | Path, out: str | Path, *, config: str | Path | None = None
     from imgcls import config as configs, distributed, planning, repeats, rundir, run
 
     log = _logger(verbose)
-    resolved = resolve_config(data, config, overrides)
+    resolved = configs.for_data(data, config, overrides)
     budget = planning.Budget.of(resolved.cfg.run.time_limit, started)
     if resolved.cfg.run.seeds:
         world = distributed.from_env()[1]
@@ -150,10 +130,10 @@ def check(data: str | Path, *, config: str | Path | None = None, out: str | Path
     report. Returns a checking.CheckResult with each stage's time and what the real run would cost here.
     A UserError is what the real run would stop with. `out`: keep what it wrote there (else a
     temporary folder, deleted); `steps`: training steps per check epoch (two epochs)."""
-    from imgcls import checking
+    from imgcls import checking, config as configs
 
     log = _logger(verbose)
-    resolved = resolve_config(data, config, overrides)
+    resolved = configs.for_data(data, config, overrides)
     return checking.run_check(data, resolved, out=out, tta=tta, tta_weight=tta_weight, tta_views=tta_views, steps=steps,
                             log=log, on_epoch=_epoch_logger(log))
 
@@ -171,14 +151,14 @@ def cv(data: str | Path, out: str | Path, *, folds: int | None = None, fold: int
     `submit="folds"|"refit"`: which out/submission.csv is (default: the refit's when there is one).
     time_limit= is for the whole call: the folds (and the refit) share it."""
     started = time.time()
-    from imgcls import crossval, distributed, planning
+    from imgcls import config as configs, crossval, distributed, planning
 
     if distributed.from_env()[1] > 1:
         raise UserError("imgcls cv does not run under torchrun: start it directly; with several GPUs it trains "
                         "one fold per GPU by itself.")
     log = _logger(verbose)
     out = Path(out)
-    resolved = crossval.settings(out, lambda defaults: resolve_config(data, config, overrides, defaults=defaults))
+    resolved = crossval.settings(out, lambda defaults: configs.for_data(data, config, overrides, defaults=defaults))
     _hardware(resolved.cfg, log)
     only = [fold] if isinstance(fold, int) else fold
     result = crossval.run_cv(data, out, resolved, budget=planning.Budget.of(resolved.cfg.run.time_limit, started),
@@ -188,6 +168,35 @@ def cv(data: str | Path, out: str | Path, *, folds: int | None = None, fold: int
 
         result.report, result.report_error = run.auto_report(out)
     return result
+
+
+# --- tune ---------------------------------------------------------------------------------------
+
+def tune(data: str | Path, out: str | Path, *, trials: int = 0, time_limit: str = "", space: str | Path | None = None,
+         workers: int = 0, storage: str = "", confirm: int = 2, config: str | Path | None = None, verbose: bool = True,
+         **overrides):
+    """Search the recipe on this data with Optuna (TPE, successive-halving pruning) into `out`: a trial
+    is an ordinary run in out/trial-<n>/, the study is out/study.log (or `storage`, a database URL), and
+    a second call continues it. `trials`: finished trials to reach (default 20 without `time_limit`);
+    `space`: a YAML search space (default tuning.DEFAULT_SPACE; keys given here as overrides are fixed);
+    `workers`: processes sharing the study (default one per GPU, else 1); `confirm`: other seeds the best
+    is trained again with. Returns a tuning.TuneResult (best, confirmed mean +- std, best.yaml, report)."""
+    from imgcls import jobs, tuning
+
+    if workers < 0 or confirm < 0 or trials < 0:
+        raise UserError(f"--workers, --confirm and --trials are 0 or more, got {workers}, {confirm}, {trials}.")
+    if not workers:
+        gpus = jobs.visible_gpus() if overrides.get("device") != "cpu" else []
+        workers = max(1, len(gpus))
+    return tuning.run_study(data, out, config_file=config, overrides=overrides, trials=trials, time_limit=time_limit,
+                            space_file=space, workers=workers, storage=storage, confirm=confirm, log=_logger(verbose))
+
+
+def tune_status(out: str | Path) -> dict:
+    """Where the study in `out` stands (tuning.status): counts, the best so far, running trials."""
+    from imgcls import tuning
+
+    return tuning.status(out)
 
 
 # --- predict, report, preview, demo ----------------------------------------------------------------
@@ -224,11 +233,11 @@ def render_preview(data: str | Path, out: str | Path, *, views: int = 8, images:
                    config: str | Path | None = None, **overrides):
     """The evaluation view and `views` training views of `images` training images, drawn by the
     training code, as PNGs in out/views/ and one grid; returns previewing.Preview with the grid path."""
-    from imgcls import data as datalib, previewing
+    from imgcls import config as configs, data as datalib, previewing
 
     if views < 1 or images < 1:
         raise UserError(f"--views and --images must be at least 1, got --views {views} --images {images}.")
-    cfg = resolve_config(data, config, overrides).cfg
+    cfg = configs.for_data(data, config, overrides).cfg
     prep = datalib.prepare(data, cfg, progress=cfg.run.progress)
     shown = previewing.render(prep, cfg, views=views, images=images)
     previewing.save(shown, out)

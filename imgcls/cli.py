@@ -223,6 +223,42 @@ def cmd_models(args) -> int:
 
 
 @command
+def cmd_tune(args) -> int:
+    from imgcls import api, tuning
+
+    if args.show_space:
+        import yaml
+
+        print(yaml.safe_dump(tuning.DEFAULT_SPACE, sort_keys=False), end="")
+        return 0
+    if args.status:
+        found = api.tune_status(args.status)
+        print(f"{args.status}: " + ", ".join(f"{n} {k}" for k, n in sorted(found["counts"].items())))
+        if found["best"]:
+            b = found["best"]
+            print(f"best so far: trial {b['trial']}, final val_acc {b['value']:.4f} ({b['run']}): "
+                  + " ".join(f"{k}={v}" for k, v in b["params"].items()))
+        for r in found["running"]:
+            print(f"running: trial {r['trial']} ({r['run']})")
+        return 0
+    if not args.data or not args.out:
+        raise UserError("imgcls tune needs DATA and --out TUNE (or --status TUNE, or --show-space).")
+    result = api.tune(args.data, args.out, trials=args.trials, time_limit=args.time_limit, space=args.space,
+                      workers=args.workers, storage=args.storage, confirm=args.confirm, config=args.config,
+                      **overrides(args))
+    print("trials: " + ", ".join(f"{n} {k}" for k, n in sorted(result.trials.items())))
+    if not result.best:
+        print("no trial has finished: rerun the same command to continue the study")
+        return 1
+    b, c = result.best, result.confirmed
+    print(f"best: trial {b['number']}, final val_acc {b['value']:.4f}: " + " ".join(f"{k}={v}" for k, v in b["params"].items()))
+    print(f"its settings over {c['n']} seed(s): final val_acc {c['mean']:.4f} +- {c['std']:.4f} (mean +- sample std)")
+    print(f"settings: {result.best_config} (imgcls train DATA --out RUN --config {result.best_config})")
+    print(f"report: {result.report}" if result.report else f"warning: {result.report_error}")
+    return 0
+
+
+@command
 def cmd_presets(args) -> int:
     from imgcls import presets
 
@@ -343,6 +379,24 @@ def args_report(sp):
     sp.add_argument("run", metavar="RUN", help="a run directory (imgcls train --out) or a cv directory (imgcls cv --out)")
 
 
+def args_tune(sp):
+    sp.add_argument("data", nargs="?")
+    sp.add_argument("--out", help="the study's folder (TUNE/trial-<n>/ are run folders)")
+    sp.add_argument("--trials", type=count, default=0, metavar="N", help="finished trials to reach (default 20 "
+                    "without --time-limit)")
+    sp.add_argument("--time-limit", default="", metavar="T", help="e.g. 2h: no new trial after it, the confirmation "
+                    "runs included")
+    sp.add_argument("--space", metavar="FILE.yaml", help="the search space (default: --show-space prints it)")
+    sp.add_argument("--workers", type=count, default=0, metavar="N", help="processes sharing the study (default: one "
+                    "per GPU, else 1)")
+    sp.add_argument("--storage", default="", metavar="URL", help="a database (postgresql://...) that several "
+                    "machines share; default the journal file TUNE/study.log")
+    sp.add_argument("--confirm", type=count, default=2, metavar="N", help="other seeds to train the best with")
+    sp.add_argument("--status", metavar="TUNE", help="print where the study in TUNE stands, and exit")
+    sp.add_argument("--show-space", action="store_true", help="print the default search space, and exit")
+    settings_args(sp)
+
+
 def args_demo(sp):
     sp.add_argument("--out", required=True)
     sp.add_argument("overrides", nargs="*", metavar="key=value")
@@ -364,6 +418,8 @@ SUBCOMMANDS = {
     "demo": ("train on a small dataset bundled with scikit-learn; no data needed", args_demo),
     "presets": ("the settings presets shipped with imgcls (--config NAME): what each is for and its measured figure",
                 lambda sp: None),
+    "tune": ("search the recipe on your data (Optuna: TPE + pruning), resumable, one worker per GPU; best.yaml",
+             args_tune),
 }
 
 

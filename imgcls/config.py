@@ -34,6 +34,7 @@ class DataConfig:
     prog_end: float = 0.75  # ... growing to image_size by this fraction of the run, full size after it
     resize: str = "center_crop"  # how a photo becomes square in the cache: center_crop (short side, centre) | squash
     val_fraction: float = 0.0  # >0: re-split train:val with this held-out fraction (stratified)
+    split_seed: int = -1  # seed of the held-out split and of subset=; -1 = seed (imgcls tune fixes it for a study)
     holdout: str = "val"  # val | none: none trains on every labelled image (train + val), keeping the last weights
     subset: float = 0.0  # 0 = all; a fraction in (0, 1) of each class, or an integer N >= 1 = N images per class,
     #                      of train and of val each (stratified, seeded); the test split stays whole
@@ -151,7 +152,7 @@ def _plain(d: dict) -> dict:
 
 
 @functools.cache
-def _key_index() -> dict[str, tuple[str, dataclasses.Field]]:
+def key_index() -> dict[str, tuple[str, dataclasses.Field]]:
     """bare key -> (section, field)."""
     index = {}
     for section in dataclasses.fields(Config):
@@ -272,6 +273,13 @@ def _set(values: dict[str, dict[str, Any]], given: set[str], key: str, value: An
     given.add(bare)
 
 
+def coerce_key(key: str, value: Any) -> Any:
+    """A value for the bare `key`, turned into its type and checked against its choices (UserError if wrong)."""
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    _set(values, set(), key, value, key_index())
+    return values[key_index()[key][0]][key]
+
+
 def _layer(values: dict[str, dict[str, Any]], given: set[str], layer: dict[str, Any], index) -> None:
     """A flat or section-nested mapping of settings into `values`."""
     for key, value in layer.items():
@@ -285,7 +293,7 @@ def _layer(values: dict[str, dict[str, Any]], given: set[str], layer: dict[str, 
 def with_values(cfg: Config, **values: Any) -> Config:
     """A new Config with these bare keys changed (values already of the right type): settings are never
     edited in place, so a settled config stays what was saved."""
-    index = _key_index()
+    index = key_index()
     sections: dict[str, dict[str, Any]] = {}
     for key, value in values.items():
         sections.setdefault(index[key][0], {})[key] = value
@@ -330,7 +338,7 @@ def resolve_given(*, defaults: dict[str, Any] | None = None, file: str | Path | 
                   overrides: list[str] | dict[str, Any] = ()) -> Resolved:
     """Defaults (e.g. per dataset layout) <- YAML file <- key=value overrides, then the recipe's values for
     every `auto` and unset key (recipes.filled); returns the Config and the keys that were given."""
-    index = _key_index()
+    index = key_index()
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     given: set[str] = set()
     if defaults:
@@ -352,6 +360,25 @@ def resolve(*, defaults: dict[str, Any] | None = None, file: str | Path | None =
             overrides: list[str] | dict[str, Any] = ()) -> Config:
     """resolve_given(...).cfg: the settings alone."""
     return resolve_given(defaults=defaults, file=file, overrides=overrides).cfg
+
+
+# Per-layout defaults, under the user's YAML and key=value overrides.
+LAYOUT_DEFAULTS = {
+    "food-11": {"image_size": 128},
+    "tiny-imagenet": {"image_size": 64},
+    "imagefolder": {},
+}
+
+
+def for_data(data: str | Path | None, file: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+             defaults: dict[str, Any] | None = None) -> Resolved:
+    """Settings for a dataset: `defaults` (else the layout's, e.g. 128 px for food-11) <- the YAML file
+    (a path or a preset's name) <- `overrides` (key -> value, as key=value on the command line)."""
+    from imgcls import layouts
+
+    if defaults is None and data and Path(data).expanduser().is_dir():
+        defaults = LAYOUT_DEFAULTS[layouts.detect(Path(data).expanduser())]
+    return resolve_given(defaults=defaults or {}, file=file, overrides=dict(overrides or {}))
 
 
 def with_epochs(cfg: Config, epochs: int, given: frozenset[str]) -> Config:

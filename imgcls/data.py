@@ -93,7 +93,8 @@ def prepare(root, cfg: Config, *, progress: bool = True) -> Prepared:
     rows = {name: np.flatnonzero((split_of == name) & keep) for name in ds.splits}
     labels = np.array([-1 if s.label is None else s.label for s in samples], dtype=np.int64)
     before = {name: len(r) for name, r in rows.items() if name != "test"}
-    rows = subset_rows(rows, labels, cfg.data.subset, seed=cfg.run.seed)  # before any re-split: both get a share
+    split_seed = cfg.data.split_seed if cfg.data.split_seed >= 0 else cfg.run.seed
+    rows = subset_rows(rows, labels, cfg.data.subset, seed=split_seed)  # before any re-split: both get a share
     prepared = Prepared(ds, built.images, labels, [s.id for s in samples], rows, skipped=skipped,
                         fingerprint=built.path.stem.rsplit("-", 1)[-1], identity=identity(ds, samples),
                         cache_path=str(built.path),
@@ -103,11 +104,11 @@ def prepare(root, cfg: Config, *, progress: bool = True) -> Prepared:
         return prepared
     if cfg.data.val_fraction > 0:
         merged = labelled(rows)
-        train, val = stratified_split(labels[merged], cfg.data.val_fraction, seed=cfg.run.seed)
+        train, val = stratified_split(labels[merged], cfg.data.val_fraction, seed=split_seed)
         prepared.rows["train"], prepared.rows["val"] = merged[train], merged[val]
     if len(prepared.rows.get("val", [])) == 0:
         # No validation split: hold out a stratified 10% of train so every run reports val_acc.
-        train, val = stratified_split(labels[rows["train"]], 0.1, seed=cfg.run.seed)
+        train, val = stratified_split(labels[rows["train"]], 0.1, seed=split_seed)
         prepared.rows["train"], prepared.rows["val"] = rows["train"][train], rows["train"][val]
     if cfg.data.subset and (len(prepared.rows["val"]) == 0 or len(prepared.rows["train"]) == 0):
         raise UserError(f"subset={cfg.data.subset:g} leaves {len(prepared.rows['train'])} training and "

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from imgcls.errors import UserError
 
-STOPS = ("done", "time_limit", "interrupted")  # in order of precedence when ranks are combined
+STOPS = ("done", "pruned", "time_limit", "interrupted")  # in order of precedence when ranks are combined
 # Generous: rank 0 may decode a large cache (tiny-imagenet, 100k photos) while the others wait.
 CONTROL_TIMEOUT = datetime.timedelta(hours=2)
 

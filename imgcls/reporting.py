@@ -226,7 +226,7 @@ def _config(source: Source) -> config.Config | None:
 
 # --- figures ----------------------------------------------------------------------------------
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     return buf.getvalue()
@@ -270,7 +270,7 @@ def plot_curves(runs: dict[str, list[dict]]) -> bytes:
     else:
         axes[0].legend(fontsize=8)
         axes[1].legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def plot_confusion(counts: np.ndarray, names: list[str]) -> bytes:
@@ -301,7 +301,7 @@ def plot_confusion(counts: np.ndarray, names: list[str]) -> bytes:
                 if counts[i, j]:
                     ax.text(j, i, f"{rows[i, j]:.2f}"[1:] if rows[i, j] < 0.995 else "1", ha="center",
                             va="center", fontsize=8, color="white" if rows[i, j] > 0.5 else "black")
-    return _png(fig)
+    return png(fig)
 
 
 def plot_per_class(per_class: list[dict], names: list[str]) -> bytes:
@@ -327,7 +327,7 @@ def plot_per_class(per_class: list[dict], names: list[str]) -> bytes:
     ax.set_xlim(0, 1.12)
     ax.set_xlabel("accuracy")
     ax.set_title(f"per-class accuracy, worst on top (dashed line: overall {overall:.4f})")
-    return _png(fig)
+    return png(fig)
 
 
 def _bar_colour(acc: float) -> str:
@@ -356,7 +356,7 @@ def plot_mistakes(images: list[np.ndarray | None], titles: list[str], *, cols: i
             canvas[y:y + px, x:x + px] = image[:px, :px]
         ax.text(c * cell_w + cell_w / 2, r * cell_h + 4, title, ha="center", va="top", fontsize=8, linespacing=1.3)
     ax.imshow(canvas, interpolation="nearest")
-    return _png(fig)
+    return png(fig)
 
 
 # --- images from the dataset folder -------------------------------------------------------------
@@ -518,12 +518,12 @@ def preview_plot(source: Source, cfg: config.Config | None, pngs: dict[str, byte
     return display_names(source, rows), note
 
 
-def _img(data: bytes, alt: str) -> str:
+def img(data: bytes, alt: str) -> str:
     uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
     return f'<img alt="{html.escape(alt)}" src="{uri}">'
 
 
-def _table(header: list[str], rows: list[list[str]], *, foot: list[str] | None = None) -> str:
+def table(header: list[str], rows: list[list[str]], *, foot: list[str] | None = None) -> str:
     e = html.escape
     head = "".join(f"<th>{e(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows)
@@ -560,7 +560,7 @@ def folds_section(cv: dict) -> list[str]:
     foot = ["mean ± std", "", sum(p["val_images"] for p in cv["per_fold"]), f"{fa['mean']:.4f} ± {fa['std']:.4f}",
             "", f"{final['mean']:.4f} ± {final['std']:.4f}", ""]
     return [f"<h2>Folds ({cv['folds']}, seed {cv['seed']})</h2>",
-            _table(["fold", "run", "held-out images", "accuracy (best weights)", "best epoch", "last-epoch val_acc",
+            table(["fold", "run", "held-out images", "accuracy (best weights)", "best epoch", "last-epoch val_acc",
                     "seconds"], rows, foot=foot),
             f"<p>Out-of-fold accuracy {cv['oof_acc']:.4f} on {cv['labelled_images']} images. Std is the sample "
             "standard deviation over folds. Each fold's best epoch is chosen on its own held-out part, so these "
@@ -576,7 +576,7 @@ def preview_section(pngs: dict[str, bytes], preview_rows: list[str], note: str |
             f"<p>One training image of each of the first {len(preview_rows)} classes (rows: "
             f"{e(', '.join(preview_rows))}): first column the evaluation view, then {PREVIEW_VIEWS} views drawn "
             "by the run's training augmentation, through the training code (`imgcls preview` makes more).</p>",
-            _img(pngs["preview.png"], "augmentation preview")]
+            img(pngs["preview.png"], "augmentation preview")]
 
 
 def render_html(source: Source, cfg: config.Config | None, pngs: dict[str, bytes], per_class: list[dict], *,
@@ -596,29 +596,29 @@ def render_html(source: Source, cfg: config.Config | None, pngs: dict[str, bytes
     if source.kind == "cv":
         parts += folds_section(source.cv)
     if "curves.png" in pngs:
-        parts += ["<h2>Training curves</h2>", _img(pngs["curves.png"], "training curves")]
+        parts += ["<h2>Training curves</h2>", img(pngs["curves.png"], "training curves")]
     held = "out-of-fold" if source.kind == "cv" else "validation"
     if "confusion.png" in pngs:
-        img = _img(pngs["confusion.png"], "confusion matrix")
+        confusion = img(pngs["confusion.png"], "confusion matrix")
         parts.append(f"<h2>Confusion matrix ({held} predictions of the best weights)</h2>")
         if len(per_class) > 40:  # fitted to the page the names are too small: a CSS-only switch to full size
             parts.append('<div><input type="checkbox" id="zoom-confusion" class="zoom"> <label for="zoom-confusion">'
-                         f'full size (the class names readable; scroll)</label><div class="scroll">{img}</div></div>')
+                         f'full size (the class names readable; scroll)</label><div class="scroll">{confusion}</div></div>')
         else:
-            parts.append(img)
+            parts.append(confusion)
     if "per_class.png" in pngs:
         worst = sorted(per_class, key=lambda r: (np.nan_to_num(r["accuracy"], nan=-1), r["class"]))
         rows = [[r["class"], r["images"], r["correct"], "" if math.isnan(r["accuracy"]) else f"{r['accuracy']:.4f}"]
                 for r in worst]
-        parts += ["<h2>Per-class accuracy</h2>", _img(pngs["per_class.png"], "per-class accuracy"),
+        parts += ["<h2>Per-class accuracy</h2>", img(pngs["per_class.png"], "per-class accuracy"),
                   f"<details><summary>table ({len(rows)} classes, worst first; also per_class.csv)</summary>"
-                  + _table(["class", "images", "correct", "accuracy"], rows) + "</details>"]
+                  + table(["class", "images", "correct", "accuracy"], rows) + "</details>"]
     if source.probs is not None:
         parts.append(f"<h2>Most confident mistakes ({held})</h2>")
         if "mistakes.png" in pngs:
             parts.append(f"<p>The wrong predictions with the highest predicted probability: file name, true class "
                          f"(its probability), predicted class (its probability). Shown at {MISTAKE_PX} px.</p>")
-            parts.append(_img(pngs["mistakes.png"], "most confident mistakes"))
+            parts.append(img(pngs["mistakes.png"], "most confident mistakes"))
         if mistake_note:
             parts.append(f'<p class="note">{e(mistake_note)}</p>')
     parts += preview_section(pngs, preview_rows, preview_note)

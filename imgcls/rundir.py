@@ -37,7 +37,8 @@ from imgcls.state import TrainState
 OUTCOME = "outcome.json"
 MARKER = "imgcls.lock"  # the lock file; its JSON says which kind of folder this is and who holds it
 KINDS = {"train": "an `imgcls train` run", "seeds": "a seeds= folder (one run per seed)",
-         "cv": "an `imgcls cv` folder", "check": "an `imgcls check --out` folder", "demo": "an `imgcls demo` folder"}
+         "cv": "an `imgcls cv` folder", "check": "an `imgcls check --out` folder", "demo": "an `imgcls demo` folder",
+         "tune": "an `imgcls tune` folder"}
 # Settings that change where and how fast a run goes and what it logs, not what it learns: a run or a
 # seeds/cv folder may be continued with other values of these.
 RERUN_MAY_CHANGE = {"device", "progress", "eval_batch_size", "data_on_device", "decode_workers", "cache_dir",

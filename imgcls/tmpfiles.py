@@ -33,13 +33,18 @@ def temp_path(path: Path, suffix: str = ".tmp") -> Path:
 
 
 def alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host; a zombie (killed, its parent not yet told) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process: alive
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (not Linux): alive, as os.kill said
+        return True
 
 
 def remove_stale(folder: Path) -> list[Path]:

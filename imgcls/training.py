@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import math
 import signal
 import threading
@@ -44,7 +43,7 @@ class TrainResult:
     final_val_acc: float
     best_epoch: int
     epochs_done: int
-    stopped: str  # done | time_limit | interrupted
+    stopped: str  # done | time_limit | interrupted | pruned (imgcls tune stopped it after an epoch)
     metrics: list[dict] = field(default_factory=list, repr=False)  # metrics.jsonl's rows
     submission: Path | None = None
     seconds: float = 0.0  # wall time of the run, finish() included
@@ -238,9 +237,10 @@ class StopRules:
         self.stopped, due = self.ranks.agree(stopped, due)
         return self.stopped != "done" or due
 
-    def after_epoch(self) -> None:
-        """A Ctrl-C during the evaluation stops here: that epoch's state is saved already."""
-        self.stopped, _ = self.ranks.agree("interrupted" if self._signals else "done", False)
+    def after_epoch(self, verdict: str | None = None) -> None:
+        """A Ctrl-C during the evaluation stops here, as does the caller's verdict on the epoch (on_epoch's
+        return, e.g. imgcls tune's pruner): that epoch's state is saved already."""
+        self.stopped, _ = self.ranks.agree("interrupted" if self._signals else verdict or "done", False)
 
     def checkpointed(self) -> None:
         self.last_checkpoint = time.time()
@@ -392,7 +392,8 @@ def replan(loop: Loop, files: RunFiles, budget: planning.Budget, m: dict, planne
 def fit(loop: Loop, files: RunFiles, *, budget: planning.Budget, plan: dict | None, out: Path,
         on_epoch: Callable[[dict], None] | None = None, log: Log = lambda text: None) -> str:
     """Train `loop` (continued from a state.pt already when there was one) until its schedule ends or a
-    stop rule stops it; returns how it stopped: done | time_limit | interrupted."""
+    stop rule stops it; returns how it stopped: done | time_limit | interrupted | pruned. `on_epoch(row)`
+    may return "pruned" to stop the run after that epoch."""
     rows, ranks, state = loop.rows, loop.ranks, loop.state
     board = tblog.TensorBoard(out) if loop.cfg.run.tensorboard and ranks.is_main else None
     rules = StopRules(budget, checkpoint_minutes=loop.cfg.run.checkpoint_minutes, ranks=ranks, n_val=len(rows["val"]),
@@ -410,9 +411,8 @@ def fit(loop: Loop, files: RunFiles, *, budget: planning.Budget, plan: dict | No
             rules.checkpointed()
             if board:
                 board.log(m)
-            if on_epoch and ranks.is_main:
-                on_epoch(m)
-            rules.after_epoch()
+            verdict = on_epoch(m) if on_epoch and ranks.is_main else None  # "pruned": imgcls tune stops the run
+            rules.after_epoch(ranks.gather(verdict)[0])
     if board:
         board.close()
     return rules.stopped
