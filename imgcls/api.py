@@ -115,8 +115,7 @@ def train(data: str | Path, out: str | Path, *, config: str | Path | None = None
                                          overrides=overrides)
         budget = planning.Budget.of(resolved.cfg.run.time_limit, started)
         given = " ".join(f"{k}={v}" for k, v in overrides.items())
-        log(f"resuming from {source / 'state.pt'} with the settings in {source / 'config.yaml'}"
-            f"{' and ' + given if given else ''}")
+        log(f"settings: {source / 'config.yaml'}{', and ' + given if given else ''}")
     return run.run(run.spec_for(data, out, resolved, budget=budget, source=source), log=log, on_epoch=_epoch_logger(log))
 
 
