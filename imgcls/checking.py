@@ -269,16 +269,21 @@ def run_check(data: str | Path, resolved: config.Resolved, *, out: str | Path | 
             detail.append(f"from {run_dir / 'state.pt'}: epoch {resumed.epochs_done} of 2")
         with stages.stage("predict") as detail:
             eval_seconds, eval_images = time_eval(run_dir, mini, hw)  # the run loaded as predict loads it
-            predicted = ensemble.predict_runs([run_dir], data, folder / "submission.csv", hw=hw, tta=tta,
-                                              tta_weight=tta_weight, tta_views=tta_views, progress=False,
-                                              prepare=lambda run_cfg: mini)
-            detail.append(f"{predicted.views}; {predicted.rows} rows written and validated")
+            written = 0
+            if len(mini.rows["test"]):
+                predicted = ensemble.predict_runs([run_dir], data, folder / "submission.csv", hw=hw, tta=tta,
+                                                  tta_weight=tta_weight, tta_views=tta_views, progress=False,
+                                                  prepare=lambda run_cfg: mini)
+                written = predicted.rows
+                detail.append(f"{predicted.views}; {written} rows written and validated")
+            else:  # a labelled-only folder (imgcls tune's view, a held-out study): nothing to submit
+                detail.append("no test split: the weights were loaded as predict loads them; no submission")
         with stages.stage("report") as detail:
             detail.append(str(reporting.write(run_dir).path))
         warm = resumed.metrics[-1]
         est = estimate(cfg, prep, hw, warm=warm, eval_seconds=eval_seconds, eval_images=eval_images,
                        memory=memory, tta=tta)
-        return CheckResult(Path(data), kept, stages.done, est, cfg, predicted.rows, len(prep.rows.get("test", [])),
+        return CheckResult(Path(data), kept, stages.done, est, cfg, written, len(prep.rows.get("test", [])),
                            time.perf_counter() - t0)
 
 

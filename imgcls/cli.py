@@ -145,7 +145,8 @@ def cmd_check(args) -> int:
     print(f"  peak memory {e.peak_memory / 1e9:.2f} GB at batch_size={e.batch_size} ({e.memory_source})")
     for note in e.notes:
         print(f"  note: {note}")
-    print(f"submission: {result.submission_rows} rows checked (the real run writes all {result.test_images})")
+    print(f"submission: {result.submission_rows} rows checked (the real run writes all {result.test_images})"
+          if result.test_images else "submission: none (the data has no test split)")
     if result.out:
         print(f"kept: {result.out} (run/ with its report.html, submission.csv)")
     return 0

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import imgcls
-from conftest import FAST
+from conftest import FAST, colour_food11
 from imgcls import cli, config
 
 SETTINGS = config.parse_overrides(FAST)
@@ -114,6 +114,16 @@ def test_check_out_keeps_a_run_directory_with_its_report(food10_slice, tmp_path,
     rows = read_csv(out / "submission.csv")
     assert rows[0] == ["Id", "Category"] and len(rows) == 9
     assert [r[0] for r in rows[1:]] == sorted(r[0] for r in rows[1:])
+
+
+def test_check_on_labelled_images_alone_runs_every_stage_and_writes_no_submission(tmp_path, capsys):
+    """imgcls tune checks its budget on a view holding the training images only: no test split to predict."""
+    data = colour_food11(tmp_path / "labelled", test=0)
+    assert cli.main(["check", str(data), "--out", str(tmp_path / "kept"), *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "no test split" in printed and "submission: none (the data has no test split)" in printed, printed
+    assert (tmp_path / "kept" / "run" / "report.html").is_file()
+    assert not (tmp_path / "kept" / "submission.csv").exists()
 
 
 def test_check_refuses_a_bad_tta_setting_before_decoding_with_predicts_message(food11_tiny, tmp_path):
