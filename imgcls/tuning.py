@@ -112,6 +112,7 @@ class Study:
     deadline: float  # time.time() when no new trial may start (0: none)
     seed: int  # sampler seed, training seed and split seed of every trial
     storage: str  # "" = TUNE/study.log
+    trial_seconds: float = 0.0  # imgcls check's estimate of one whole trial (with a deadline)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -218,7 +219,9 @@ def work(study: Study, log: Log) -> None:
     while True:
         fail_dead_trials(found, storage)
         taken = found.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
-        if (study.trials and len(taken) >= study.trials) or (study.deadline and time.time() >= study.deadline):
+        if study.trials and len(taken) >= study.trials:
+            return
+        if study.deadline and not whole_trial_fits(found, study, log):
             return
         trial = found.ask()
         trial.set_user_attr("worker", {"pid": os.getpid(), "host": socket.gethostname()})
@@ -236,6 +239,24 @@ def work(study: Study, log: Log) -> None:
             found.tell(trial, state=TrialState.FAIL)
         else:
             found.tell(trial, value)
+
+
+def whole_trial_fits(found, study: Study, log: Log) -> bool:
+    """A trial starts only when a whole one fits before the deadline: the longest finished trial so far
+    (imgcls check's estimate before there is one), with 10% to spare. A trial cut by the limit is a
+    failed trial that told the search nothing, and its seconds are lost."""
+    from optuna.trial import TrialState
+
+    done = [t.duration.total_seconds() for t in found.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.duration is not None]
+    need = 1.1 * (max(done) if done else study.trial_seconds)
+    left = study.deadline - time.time()
+    if left >= need:
+        return True
+    if left > 0:
+        log(f"no new trial: {planning.duration(left)} left before the time limit, a whole trial takes "
+            f"about {planning.duration(need)}")
+    return False
 
 
 # --- the command ------------------------------------------------------------------------------------
@@ -267,7 +288,7 @@ def plan_study(data: str | Path, out: Path, *, config_file, overrides: dict[str,
                             "Raise --time-limit, or lower epochs= (or --confirm).")
         deadline = started + limit - confirm * seconds
     return Study(str(Path(data).resolve()), str(out.resolve()), base, space, trials, deadline, int(flat["seed"]),
-                 storage)
+                 storage, seconds if limit else 0.0)
 
 
 def check_same_study(out: Path, study: Study) -> None:

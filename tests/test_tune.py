@@ -2,6 +2,7 @@
 workers sharing one study, pruning, a best.yaml that reproduces its trial, and errors that say what to fix."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -116,10 +117,31 @@ def test_bad_spaces_and_budgets_say_what_to_fix(data, tmp_path):
         imgcls.tune(data, tmp_path / "b", space=space_file(tmp_path, {"lr": [0.1]}), verbose=False, **{**BASE, "lr": 0.2})
     with pytest.raises(imgcls.UserError, match="aug='huge' is not one of"):
         imgcls.tune(data, tmp_path / "c", space=space_file(tmp_path, {"aug": ["light", "huge"]}), verbose=False, **BASE)
-    with pytest.raises(imgcls.UserError, match=r"--time-limit 2s is too short: one trial takes about \d+s here "
+    with pytest.raises(imgcls.UserError, match=r"--time-limit 2s is too short: one trial takes about [\dhms]+ here "
                                                r"\(imgcls check's estimate"):
         imgcls.tune(data, tmp_path / "d", time_limit="2s", space=space_file(tmp_path, SPACE), verbose=False,
                     **{**BASE, "epochs": 50})
     with pytest.raises(imgcls.UserError, match="epochs=N, not epochs=auto"):
         imgcls.tune(data, tmp_path / "e", space=space_file(tmp_path, SPACE), verbose=False,
                     **{**BASE, "epochs": "auto"})
+
+
+def test_a_trial_starts_only_when_a_whole_one_fits_before_the_deadline():
+    """A trial cut by the time limit is a failed trial that told the search nothing: before one finishes the
+    check's estimate decides, after that the longest finished trial, with 10% to spare."""
+    import datetime
+
+    from optuna.trial import TrialState, create_trial
+
+    now, said = time.time(), []
+    study = tuning.Study("data", "out", {}, SPACE, 0, deadline=now + 100, seed=0, storage="", trial_seconds=80)
+    found = optuna.create_study()
+    assert tuning.whole_trial_fits(found, study, said.append)  # 100 s left, 88 s needed
+    assert not tuning.whole_trial_fits(found, dataclasses.replace(study, trial_seconds=95), said.append)
+    assert "a whole trial takes about" in said[-1]
+    done = create_trial(state=TrialState.COMPLETE, value=0.5)
+    done.datetime_complete = datetime.datetime.now()
+    done.datetime_start = done.datetime_complete - datetime.timedelta(seconds=120)  # longer than the estimate
+    found.add_trial(done)
+    assert not tuning.whole_trial_fits(found, study, said.append)
+    assert tuning.whole_trial_fits(found, dataclasses.replace(study, deadline=now + 140), said.append)
