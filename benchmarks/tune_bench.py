@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -31,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from budget import TASKS, view_of  # noqa: E402
+from budget import TASKS, mean_se, view_of  # noqa: E402
 
 
 def imgcls(*argv: str, env: dict) -> tuple[subprocess.CompletedProcess, float]:
@@ -44,11 +43,6 @@ def imgcls(*argv: str, env: dict) -> tuple[subprocess.CompletedProcess, float]:
 
 def final_acc(run: Path) -> float:
     return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val_acc"]
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    a = np.asarray(values, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else float("nan")
 
 
 def main() -> None:
