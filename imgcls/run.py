@@ -192,9 +192,10 @@ def _train(spec: RunSpec, out: Path, hw, ranks, *, budget: planning.Budget, sour
     if source:
         rundir.resume(loop.state, files, source)
         state, epochs = loop.state, settled.schedule.epochs
-        log(f"resuming from {source / 'state.pt'}: " + (f"epoch {state.epoch + 1}{f', step {state.step}' if state.step else ''}"
-                                                       f" of {epochs}" if state.epoch < epochs else
-                                                       f"all {epochs} epochs are trained; the predictions and report follow"))
+        where = f"epoch {state.epoch + 1}" + (f", step {state.step}" if state.step else "") + f" of {epochs}"
+        if state.epoch >= epochs:
+            where = f"all {epochs} epochs are trained; the predictions and report follow"
+        log(f"resuming from {source / 'state.pt'}: {where}")
     files.start(settled.cfg, prep, rows, hw, loop.state)
     if settled.plan is not None:
         files.save_plan(settled.cfg, settled.plan)
