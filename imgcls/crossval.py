@@ -111,7 +111,7 @@ def collect_cv(prep: Prepared, plan: Folds) -> dict:
     oof.save(plan.out / "oof.npz", fold=plan.fold)
     per_fold = []
     for f in range(plan.k):
-        outcome = jobs.read_outcome(plan.fold_dir(f))
+        outcome = rundir.read_outcome(plan.fold_dir(f))
         held = plan.fold == f
         per_fold.append({"fold": f, "run": plan.fold_dir(f).name, "val_images": int(held.sum()),
                          "acc": float(correct[held].mean()), "best_epoch": outcome["best_epoch"],
@@ -195,7 +195,7 @@ def run_cv(data_root: str | Path, out: str | Path, resolved: config.Resolved, *,
         bad = [f for f in chosen if not 0 <= f < k]
         if bad:
             raise UserError(f"--fold {bad[0]} is not a fold of {out}: folds are 0..{k - 1}.")
-        result = CvResult(out, k, kept=[f for f in chosen if jobs.is_done(plan.fold_dir(f))])
+        result = CvResult(out, k, kept=[f for f in chosen if rundir.is_done(plan.fold_dir(f))])
         if result.kept:
             log(f"fold(s) {', '.join(map(str, result.kept))} already finished: kept")
         result.trained = [f for f in chosen if f not in result.kept]
@@ -203,8 +203,8 @@ def run_cv(data_root: str | Path, out: str | Path, resolved: config.Resolved, *,
                                                    rows=plan.fold_rows(f))) for f in result.trained]
         outcomes = jobs.run_jobs(todo, cfg, after=int(refit), prep=prep, log=log, on_epoch=on_epoch)
         result.interrupted = any(o["status"] == "interrupted" for o in outcomes.values())
-        result.failed = [f for f in chosen if not jobs.is_done(plan.fold_dir(f))]
-        result.missing = [f for f in range(k) if not jobs.is_done(plan.fold_dir(f))]
+        result.failed = [f for f in chosen if not rundir.is_done(plan.fold_dir(f))]
+        result.missing = [f for f in range(k) if not rundir.is_done(plan.fold_dir(f))]
         if not (result.interrupted or result.missing):
             summarize(result, collect_cv(prep, plan), data_root, resolved, budget=budget, refit=refit, submit=submit,
                       log=log, on_epoch=on_epoch)
@@ -237,9 +237,9 @@ def refit_all(data_root: str | Path, out: Path, resolved: config.Resolved, per_f
     epochs = max(1, round(float(np.mean([p["best_epoch"] for p in per_fold]))))
     cfg = config.with_values(config.with_epochs(resolved.cfg, epochs, resolved.given), holdout="none")
     run_dir = out / "refit"
-    if jobs.is_done(run_dir):
+    if rundir.is_done(run_dir):
         log(f"refit: already finished in {run_dir}: kept")
-        outcome = jobs.read_outcome(run_dir)
+        outcome = rundir.read_outcome(run_dir)
     else:
         log(f"--- refit: {epochs} epoch(s) (the folds' mean best epoch) on all {sum(p['val_images'] for p in per_fold)} "
             f"labelled images: {run_dir}")

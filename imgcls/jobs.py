@@ -26,8 +26,8 @@ from typing import Callable
 from imgcls import config, rundir, tmpfiles
 from imgcls.config import Config
 from imgcls.errors import UserError
-from imgcls.rundir import is_done, read_outcome  # noqa: F401 - what callers ask of a job's folder
 from imgcls.run import RunSpec
+from imgcls.rundir import read_outcome
 
 Log = Callable[[str], None]
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from imgcls import config, jobs, planning, reporting, run, tmpfiles
+from imgcls import config, jobs, planning, reporting, run, rundir, tmpfiles
 from imgcls.errors import UserError
 
 
@@ -40,14 +40,14 @@ def run_seeds(data_root: str | Path, out: str | Path, resolved: config.Resolved,
                         "seeds from their own run directories and skips finished ones.")
     with jobs.open_group(out, "seeds", cfg):
         result = RepeatsResult(out, list(cfg.run.seeds))
-        result.kept = [s for s in cfg.run.seeds if jobs.is_done(out / f"seed-{s}")]
+        result.kept = [s for s in cfg.run.seeds if rundir.is_done(out / f"seed-{s}")]
         if result.kept:
             log(f"seed(s) {', '.join(map(str, result.kept))} already finished in {out}: kept")
         todo = [jobs.Job(f"seed {s}", run.spec_for(data_root, out / f"seed-{s}", with_seed(resolved, s), budget=budget))
                 for s in cfg.run.seeds if s not in result.kept]
         outcomes = jobs.run_jobs(todo, cfg, log=log, on_epoch=on_epoch)
         result.interrupted = any(o["status"] == "interrupted" for o in outcomes.values())
-        result.failed = [s for s in cfg.run.seeds if not jobs.is_done(out / f"seed-{s}")]
+        result.failed = [s for s in cfg.run.seeds if not rundir.is_done(out / f"seed-{s}")]
         if not (result.interrupted or result.failed):
             summary = summarize_seeds(out, cfg.run.seeds)
             result.runs, result.final_val_acc, result.best_val_acc = (summary["runs"], summary["final_val_acc"],
@@ -58,7 +58,7 @@ def run_seeds(data_root: str | Path, out: str | Path, resolved: config.Resolved,
 
 def summarize_seeds(out: Path, seeds: tuple[int, ...]) -> dict:
     """RUN/seeds.json: each seed's outcome and mean +- std of its final and best val accuracy."""
-    runs = [{"seed": s, "run": f"seed-{s}", **jobs.read_outcome(out / f"seed-{s}")} for s in seeds]
+    runs = [{"seed": s, "run": f"seed-{s}", **rundir.read_outcome(out / f"seed-{s}")} for s in seeds]
     summary = {"seeds": list(seeds), "runs": runs,
                "final_val_acc": reporting.spread([r["final_val_acc"] for r in runs]),
                "best_val_acc": reporting.spread([r["best_val_acc"] for r in runs])}

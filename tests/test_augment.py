@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
-from conftest import FAST, REPO
+from conftest import FAST
 
 from imgcls import augment, config
 from imgcls.config import AugConfig

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import FAST
-from imgcls import cli, crossval, ensemble, inference, jobs, layouts
+from imgcls import cli, crossval, ensemble, inference, jobs, layouts, rundir
 from imgcls.hardware import Hardware
 from imgcls.models import create_model
 
@@ -64,7 +64,7 @@ def test_cv_writes_fold_runs_oof_summary_submission_and_reruns_a_failed_fold_alo
     assert cli.main(["cv", str(food11_tiny), "--folds", "3", "--out", str(out), *FAST]) == 1
     printed = capsys.readouterr().out
     assert "fold 1: FAILED" in printed and "--fold 1" in printed
-    assert jobs.is_done(out / "fold-0") and jobs.is_done(out / "fold-2") and not jobs.is_done(out / "fold-1")
+    assert rundir.is_done(out / "fold-0") and rundir.is_done(out / "fold-2") and not rundir.is_done(out / "fold-1")
     assert not (out / "cv.json").exists()
     fold0_weights = (out / "fold-0" / "best.safetensors").stat().st_mtime_ns
 
@@ -248,7 +248,7 @@ def test_folds_and_seeds_run_as_one_child_process_per_gpu(food11_tiny, tmp_path,
     assert cli.main(["cv", str(food11_tiny), "--folds", "3", "--out", str(out), *settings]) == 0
     printed = capsys.readouterr().out
     assert "fold 0: started on GPU 0" in printed and "fold 1: started on GPU 1" in printed
-    assert all(jobs.is_done(out / f"fold-{f}") and (out / f"fold-{f}" / "log.txt").is_file() for f in range(3))
+    assert all(rundir.is_done(out / f"fold-{f}") and (out / f"fold-{f}" / "log.txt").is_file() for f in range(3))
     assert len(ensemble.load_probs(out / "oof.npz").ids) == 33
     rep = tmp_path / "rep"
     assert cli.main(["train", str(food11_tiny), "--out", str(rep), *settings, "seeds=4,5"]) == 0

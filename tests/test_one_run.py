@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import imgcls
-from conftest import FAST, colour_food11, write_image
+from conftest import FAST, colour_food11
 from imgcls import cli, config, optim, process
 
 PACKAGE = Path(imgcls.__file__).parent
