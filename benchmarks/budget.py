@@ -6,7 +6,6 @@ invocation, with the ratios.
     flock -x /tmp/imgcls.lock python benchmarks/budget.py food10 --epochs 5,20 --seeds 0,1,2
     flock -x /tmp/imgcls.lock python benchmarks/budget.py tiny20 --epochs 10,30 --seeds 0,1,2
     flock -x /tmp/imgcls.lock python benchmarks/budget.py food10 --rows imgcls,fastai,fastai18 --epochs 5,20
-    flock -x /tmp/imgcls.lock python benchmarks/budget.py food10 --rows imgcls,strong --arm 'strong: aug=strong' --epochs 40
 
 Tasks: `food10` = food-10 at 128 px, training/ -> validation/ (1,000 images); `tiny20` = the first 20
 classes of tiny-imagenet-100 at 64 px, a stratified 20% of their 10,000 labelled images held out.
@@ -24,8 +23,6 @@ Rows:
             35-100% + flip, at the task's size), run by --fastai-python, the python of a virtual environment of its
             own (benchmarks/fastai-requirements.txt: fastai is no imgcls dependency); channels_last, fp32 on the CPU.
   fastai18  the same with xresnet18, the size of imgcls's default model.
-  an arm    `--arm 'NAME: KEY=VALUE ...'` adds a row NAME: the imgcls row with those settings on top of the
-            defaults (a recipe sweep: `--arm 'strong: aug=strong' --arm 'ema: ema=true'`), checked before any run.
 imgcls rows run as `python -m imgcls` subprocesses, each on a cache built before its timing (the
 decoding is a one-off the later runs of a session reuse); wall = the subprocess's, imports and
 report included. fastai rows are subprocesses timed the same way, their files read once before (into
@@ -45,7 +42,6 @@ import argparse
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -114,11 +110,6 @@ def run_imgcls(tree: Path, view: Path, out: Path, settings: list[str], cache: Pa
     return {"acc": metrics[-1]["val_acc"], "wall": wall, "curve": [m["val_acc"] for m in metrics],
             "elapsed": elapsed.tolist(),  # wall from the command's start to each epoch's end (imports at the first)
             "epochs": len(metrics), "train_seconds": sum(m["seconds"] for m in metrics)}
-
-
-def cache_dir(work: Path, row: str) -> Path:
-    """The baseline's tree keeps its own cache format; imgcls and its arms share one."""
-    return work / ("cache-baseline" if row == "baseline" else "cache-imgcls")
 
 
 def warm_cache(tree: Path, view: Path, settings: list[str], cache: Path) -> None:
@@ -191,26 +182,6 @@ def per_row(p: argparse.ArgumentParser, flag: str, text: str, rows: list[str], d
     return out
 
 
-def parse_arms(p: argparse.ArgumentParser, specs: list[str], size: int) -> dict[str, list[str]]:
-    """--arm 'NAME: k=v k=v' -> {NAME: ["k=v", ...]}, each checked by imgcls's own config now rather than
-    failing after the rows before it have run for hours."""
-    from imgcls import config
-
-    arms: dict[str, list[str]] = {}
-    for spec in specs:
-        name, sep, rest = (part.strip() for part in spec.partition(":"))
-        if not sep or not re.fullmatch(r"[A-Za-z][\w-]*", name) or name in ROWS or name in arms or not rest:
-            p.error(f"--arm {spec!r}: expected 'NAME: KEY=VALUE ...' with a row name not yet used")
-        if {item.partition("=")[0] for item in rest.split()} & {"epochs", "seed"}:
-            p.error(f"--arm {spec!r}: epochs and seed come from --epochs and --seeds")
-        try:
-            config.resolve(defaults={"image_size": size}, overrides=rest.split())
-        except Exception as e:  # imgcls's own words: an unknown key, a bad value
-            p.error(f"--arm {spec!r}: {e}")
-        arms[name] = rest.split()
-    return arms
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("task", choices=sorted(TASKS))
@@ -218,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--timm-seeds", help="seeds of the timm row (default --seeds): its PIL pipeline is the slowest row")
     p.add_argument("--row-seeds", default="", help="ROW=S1,S2;ROW=...: a row's own seeds (e.g. baseline=0 for a long baseline)")
-    p.add_argument("--rows", default="imgcls,baseline,timm", help=f"some of {','.join(ROWS)}, or an --arm's name")
-    p.add_argument("--arm", action="append", default=[], metavar="'NAME: KEY=VALUE ...'",
-                   help="a row NAME: imgcls with these settings on top of the defaults (repeatable)")
+    p.add_argument("--rows", default="imgcls,baseline,timm", help=f"some of {','.join(ROWS)}")
     p.add_argument("--row-epochs", default="", help="ROW=E1,E2;ROW=...: a row's own subset of --epochs")
     p.add_argument("--baseline-rev", default="4f2b1ad", help="the commit before issue 15")
     p.add_argument("--timm-recipe", choices=["defaults", "a3"], default="defaults")
@@ -235,9 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     process.keep_freed_memory()
     task, epochs_list = TASKS[args.task], [int(e) for e in args.epochs.split(",")]
     seeds, rows = [int(s) for s in args.seeds.split(",")], args.rows.split(",")
-    arms = parse_arms(p, args.arm, task["size"])
-    if not set(rows) <= set(ROWS) | set(arms):
-        p.error(f"--rows {args.rows!r}: each row one of {','.join([*ROWS, *arms])}")
+    if not set(rows) <= set(ROWS):
+        p.error(f"--rows {args.rows!r}: each row one of {','.join(ROWS)}")
     if set(rows) & set(FASTAI) and not Path(args.fastai_python).is_file():
         p.error(f"--fastai-python {args.fastai_python}: no such file (benchmarks/fastai-requirements.txt makes it)")
     row_epochs = per_row(p, "--row-epochs", args.row_epochs, rows, epochs_list, allowed=epochs_list)
@@ -253,11 +221,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.baseline_rev}, seeds {seeds}, imgcls default model {new.model.model} batch {new.run.batch_size}, "
           f"timm recipe {args.timm_recipe}", flush=True)
     trees = {"imgcls": REPO, "baseline": baseline_tree(args.baseline_rev) if "baseline" in rows else None}
-    settings = {"imgcls": [], "baseline": base_settings, **arms}
-    trees.update({arm: REPO for arm in arms})
-    for row in ("imgcls", "baseline", *arms):
+    settings = {"imgcls": [], "baseline": base_settings}
+    for row in ("imgcls", "baseline"):
         if row in rows:
-            warm_cache(trees[row], data, settings[row], cache_dir(args.work, row))
+            warm_cache(trees[row], data, settings[row], args.work / f"cache-{row}")
     if set(rows) & set(FASTAI):
         from time_to_accuracy import read_all
 
@@ -276,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                                    seed=seed)
                 else:
                     r = run_imgcls(trees[row], data, out, [*settings[row], f"epochs={epochs}", f"seed={seed}"],
-                                   cache_dir(args.work, row))
+                                   args.work / f"cache-{row}")
                 results.setdefault((row, epochs), []).append({**r, "seed": seed})
                 print(f"  {row:8s} {epochs:3d} epochs seed {seed}: acc {r['acc']:.4f} wall {r['wall']:.0f}s", flush=True)
                 if args.json:
