@@ -3,6 +3,7 @@ Kaggle or Colab image with its own CUDA build) leaves torch and torchvision as t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from importlib.metadata import version
@@ -55,16 +56,17 @@ def test_the_wheel_with_no_deps_in_a_fresh_venv_trains_with_a_packaged_preset(tm
     wheel = next(dist.glob("imgcls-*.whl"))
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a checkout on PYTHONPATH would shadow the wheel
     install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=300, env=env)
     assert install.returncode == 0, install.stdout + install.stderr
     where = subprocess.run([str(python), "-c", "import imgcls; print(imgcls.__file__)"], cwd=tmp_path,
-                           capture_output=True, text=True, check=True).stdout.strip()
+                           env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert where.startswith(str(venv)), where  # the wheel's imgcls, not this checkout's
     run = tmp_path / "run"
     train = subprocess.run([str(venv / "bin" / "imgcls"), "train", str(food11_tiny), "--out", str(run),
-                            "--config", "food11", *FAST, "epochs=1"], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=600)
+                            "--config", "food11", *FAST, "epochs=1"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=600)
     assert train.returncode == 0, train.stdout + train.stderr
     saved = (run / "config.yaml").read_text()
     assert "cache_size: 144" in saved and (run / "submission.csv").is_file()  # the preset's own key, from the wheel
