@@ -362,22 +362,32 @@ def resolve(*, defaults: dict[str, Any] | None = None, file: str | Path | None =
     return resolve_given(defaults=defaults, file=file, overrides=overrides).cfg
 
 
-# Per-layout defaults, under the user's YAML and key=value overrides.
+# Per-layout defaults, under the user's YAML and key=value overrides. An imagefolder can hold anything, so
+# it takes the measured size of the layout its images are like (layout_defaults).
 LAYOUT_DEFAULTS = {
     "food-11": {"image_size": 128},
     "tiny-imagenet": {"image_size": 64},
-    "imagefolder": {},
 }
+
+
+def layout_defaults(root: Path) -> dict[str, Any]:
+    """The defaults for the dataset at `root`: its layout's, and for an imagefolder food-11's 128 px when its
+    training photos' median short side is 128 px or more (not upscaled), else tiny-imagenet's 64 px."""
+    from imgcls import layouts
+
+    layout = layouts.detect(root)
+    if layout in LAYOUT_DEFAULTS:
+        return LAYOUT_DEFAULTS[layout]
+    side = layouts.median_short_side(layouts.read(root).splits.get("train", []))
+    return {"image_size": 128 if side and side >= 128 else 64}
 
 
 def for_data(data: str | Path | None, file: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
              defaults: dict[str, Any] | None = None) -> Resolved:
-    """Settings for a dataset: `defaults` (else the layout's, e.g. 128 px for food-11) <- the YAML file
+    """Settings for a dataset: `defaults` (else layout_defaults', e.g. 128 px for food-11) <- the YAML file
     (a path or a preset's name) <- `overrides` (key -> value, as key=value on the command line)."""
-    from imgcls import layouts
-
     if defaults is None and data and Path(data).expanduser().is_dir():
-        defaults = LAYOUT_DEFAULTS[layouts.detect(Path(data).expanduser())]
+        defaults = layout_defaults(Path(data).expanduser())
     return resolve_given(defaults=defaults or {}, file=file, overrides=dict(overrides or {}))
 
 

@@ -203,6 +203,21 @@ def detect(root: Path) -> str:
         "tiny-imagenet (wnids.txt + train/<wnid>/images/), imagefolder (train/<class>/*).")
 
 
+def median_short_side(samples: list[Sample], most: int = 64) -> int | None:
+    """The median short side in px of up to `most` of `samples`, spread evenly over the list (Pillow reads
+    only each file's header); None when none of them opens."""
+    from PIL import Image
+
+    sides = []
+    for s in samples[::max(1, len(samples) // most)][:most]:
+        try:
+            with Image.open(s.path) as im:
+                sides.append(min(im.size))
+        except Exception:  # an unreadable file is reported by the cache, with its name, not here
+            continue
+    return sorted(sides)[len(sides) // 2] if sides else None
+
+
 READERS = {"food-11": _read_food11, "tiny-imagenet": _read_tiny_imagenet, "imagefolder": _read_imagefolder}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST
+from conftest import FAST, write_image
 from imgcls import cli, config, optim, recipes
 from imgcls.models import create_model
 from imgcls.models.profile import forward_gflops
@@ -42,6 +42,18 @@ def test_model_auto_chooses_by_image_size_and_aug_auto_by_epochs():
     assert kept.aug.aug == "short" and kept.aug.crop_scale == (0.2, 1.0)  # what the user set stays
     assert (long.aug.aug, long.aug.policy) == ("strong", "trivialaugment") and long.aug.mixup_alpha > 0
 
+
+
+def test_an_imagefolder_trains_at_the_size_of_the_layout_its_photos_are_like(tmp_path, food11_tiny):
+    photos, thumbs = tmp_path / "photos", tmp_path / "thumbs"
+    for i in range(5):  # photos of 160-200 px short side (one odd one of 90) and 64-px thumbnails
+        write_image(photos / "train" / f"c{i % 2}" / f"{i}.jpg", size=(240, 90 if i == 4 else 160 + 10 * i), fmt="JPEG")
+        write_image(thumbs / "train" / f"c{i % 2}" / f"{i}.png", size=(64, 64))
+    (photos / "train" / "c0" / "broken.jpg").write_bytes(b"not a jpeg")  # skipped here, reported by the cache
+    assert config.for_data(photos).cfg.data.image_size == 128  # food-11's measured size, not 64 for photos
+    assert config.for_data(thumbs).cfg.data.image_size == 64  # tiny-imagenet's, never upscaled to 128
+    assert config.for_data(photos, overrides={"image_size": 96}).cfg.data.image_size == 96  # the user's wins
+    assert config.for_data(food11_tiny).cfg.data.image_size == 128  # the named layouts keep their sizes
 
 def test_presets_and_optimizer_defaults_never_override_what_the_user_set(tmp_path):
     cfg = config.resolve(overrides={"aug": "strong", "hflip": 0, "optimizer": "adamw", "weight_decay": 0.1})
