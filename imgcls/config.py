@@ -378,7 +378,7 @@ def layout_defaults(root: Path) -> dict[str, Any]:
     layout = layouts.detect(root)
     if layout in LAYOUT_DEFAULTS:
         return LAYOUT_DEFAULTS[layout]
-    side = layouts.median_short_side(layouts.read(root).splits.get("train", []))
+    side = layouts.median_short_side(root / "train")  # a few headers, not a listing of the whole dataset
     return {"image_size": 128 if side and side >= 128 else 64}
 
 

@@ -6,6 +6,7 @@ would make the submission wrong is collected as an error here, before any traini
 from __future__ import annotations
 
 import csv
+import itertools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -203,19 +204,25 @@ def detect(root: Path) -> str:
         "tiny-imagenet (wnids.txt + train/<wnid>/images/), imagefolder (train/<class>/*).")
 
 
-def median_short_side(samples: list[Sample], most: int = 64) -> int | None:
-    """The median short side in px of up to `most` of `samples`, spread evenly over the list (Pillow reads
-    only each file's header); None when none of them opens."""
+def _short_side(path: Path) -> int | None:
     from PIL import Image
 
-    sides = []
-    for s in samples[::max(1, len(samples) // most)][:most]:
-        try:
-            with Image.open(s.path) as im:
-                sides.append(min(im.size))
-        except Exception:  # an unreadable file is reported by the cache, with its name, not here
-            continue
-    return sorted(sides)[len(sides) // 2] if sides else None
+    try:
+        with Image.open(path) as im:  # the header only
+            return min(im.size)
+    except Exception:  # an unreadable file is reported by the cache, with its name, not here
+        return None
+
+
+def median_short_side(train: Path, most: int = 64) -> int | None:
+    """The median short side in px of about `most` images of an imagefolder's train/, as many from each class
+    folder as that takes (at most `most` class folders listed); None when none of them opens."""
+    folders = sorted(p for p in train.iterdir() if p.is_dir())
+    each = -(-most // max(1, len(folders)))
+    files = (p for folder in folders[:most] for p in itertools.islice(
+        (f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS), each))
+    sides = sorted(side for side in map(_short_side, files) if side)
+    return sides[len(sides) // 2] if sides else None
 
 
 READERS = {"food-11": _read_food11, "tiny-imagenet": _read_tiny_imagenet, "imagefolder": _read_imagefolder}
