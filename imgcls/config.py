@@ -370,14 +370,17 @@ LAYOUT_DEFAULTS = {
 }
 
 
-def layout_defaults(root: Path) -> dict[str, Any]:
+def layout_defaults(root: Path, *, size_given: bool = False) -> dict[str, Any]:
     """The defaults for the dataset at `root`: its layout's, and for an imagefolder food-11's 128 px when its
-    training photos' median short side is 128 px or more (not upscaled), else tiny-imagenet's 64 px."""
+    training photos' median short side is 128 px or more (not upscaled), else tiny-imagenet's 64 px (no
+    headers read when the user's image_size wins anyway)."""
     from imgcls import layouts
 
     layout = layouts.detect(root)
     if layout in LAYOUT_DEFAULTS:
         return LAYOUT_DEFAULTS[layout]
+    if size_given:
+        return {}
     side = layouts.median_short_side(root / "train")  # a few headers, not a listing of the whole dataset
     return {"image_size": 128 if side and side >= 128 else 64}
 
@@ -387,7 +390,8 @@ def for_data(data: str | Path | None, file: str | Path | None = None, overrides:
     """Settings for a dataset: `defaults` (else layout_defaults', e.g. 128 px for food-11) <- the YAML file
     (a path or a preset's name) <- `overrides` (key -> value, as key=value on the command line)."""
     if defaults is None and data and Path(data).expanduser().is_dir():
-        defaults = layout_defaults(Path(data).expanduser())
+        given_size = any(key.split(".")[-1] == "image_size" for key in overrides or {})
+        defaults = layout_defaults(Path(data).expanduser(), size_given=given_size)
     return resolve_given(defaults=defaults or {}, file=file, overrides=dict(overrides or {}))
 
 
