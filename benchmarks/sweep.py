@@ -7,8 +7,11 @@ process, and print held-out accuracy as mean +- s.e. over the seeds, with wall t
 
 Each run is `imgcls.train(data, fresh dir, **base, **arm, seed=s, epochs=E)` on the data's own split
 (food-11 layout: training/ -> validation/). `--eval-sizes 128,144,160` also scores the final weights at
-those test resolutions (FixRes), `--eval-crops 1,0.875,0.8` on those centre crops of the cache (eval_crop=). `--classes N` trains on the first N classes only (a symlinked view;
-`--held-out F` of their labelled images is the validation split).
+those test resolutions (FixRes), `--eval-crops 1,0.875,0.8` on those centre crops of the cache (eval_crop=).
+`--ema-shares 0,0.05,0.2,0.3` also keeps weight averages over those shares of the run's steps beside the run's
+own (ema=auto: optim.EMA_SHARE), fed at the same steps, and scores each at the end (0: the raw weights): the
+EMA length axis from one run per seed, its training unchanged. `--classes N` trains on the first N classes
+only (a symlinked view; `--held-out F` of their labelled images is the validation split).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import imgcls
-from imgcls import config, data, process
+from imgcls import config, data, optim, process
 
 
 def parse_settings(text: str) -> dict[str, str]:
@@ -81,6 +84,53 @@ def score_eval_crops(run_dir: Path, data_root: Path, fractions: list[float]) -> 
                       .argmax(1) == labels).float().mean()) for f in fractions}
 
 
+class Averages:
+    """Weight averages over other shares of the run's steps beside the run's own EMA (ema=auto), built
+    with it and fed at every step it is: optim.build_ema is wrapped for the sweep's process. The run's
+    training and its own scores are unchanged (an average is only read)."""
+
+    def __init__(self, shares: list[float]):
+        self.shares, self.models = shares, {}
+        self.build_ema = optim.build_ema
+
+    def __enter__(self) -> Averages:
+        optim.build_ema = self.build
+        return self
+
+    def __exit__(self, *exc) -> None:
+        optim.build_ema = self.build_ema
+
+    def build(self, model, decay: float):
+        ema = self.build_ema(model, decay)
+        if ema is None:
+            raise SystemExit("--ema-shares needs the run's own EMA (ema=auto or a decay, not 0)")
+        horizon = 1 / (1 - decay)  # steps; ema=auto: EMA_SHARE of the run's
+        extra = {s: self.build_ema(model, 1 - 1 / max(2.0, horizon * s / optim.EMA_SHARE)) for s in self.shares if s}
+        self.models = {optim.EMA_SHARE: ema, **extra, **({0.0: model} if 0 in self.shares else {})}
+        update = ema.update_parameters
+
+        def update_all(source) -> None:
+            update(source)
+            for average in extra.values():
+                average.update_parameters(source)
+
+        ema.update_parameters = update_all  # the one call per step (trainer.train_step)
+        return ema
+
+    def score(self, run_dir: Path, data_root: Path) -> dict[float, float]:
+        """Held-out accuracy of each average (and the raw weights) after the run, on the run's own view."""
+        from imgcls import hardware, inference
+
+        cfg = config.resolve(file=run_dir / "config.yaml")
+        hw = hardware.resolve(cfg.run)
+        prep = data.prepare(data_root, cfg, progress=False)
+        view = dict(size=config.eval_size(cfg.data), crop=cfg.data.eval_crop, hw=hw, batch_size=cfg.run.eval_batch_size)
+        out = {s: inference.evaluate(getattr(m, "module", m), prep.images, prep.rows["val"], prep.labels, **view)[1]
+               for s, m in sorted(self.models.items())}
+        self.models = {}
+        return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True)
@@ -93,12 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--held-out", type=float, default=0.2)
     p.add_argument("--eval-sizes", default="", help="comma-separated test resolutions to score the final weights at")
     p.add_argument("--eval-crops", default="", help="comma-separated eval_crop fractions to score the final weights at")
+    p.add_argument("--ema-shares", default="", help="comma-separated shares of the steps to also average over "
+                   "and score (0: the raw weights)")
     p.add_argument("--json", type=Path, help="append one JSON line per run")
     args = p.parse_args(argv)
     process.keep_freed_memory()
     seeds = [int(s) for s in args.seeds.split(",")]
     sizes = [int(s) for s in args.eval_sizes.split(",") if s]
     crops = [float(f) for f in args.eval_crops.split(",") if f]
+    averages = Averages([float(f) for f in args.ema_shares.split(",") if f])
     work = Path(tempfile.mkdtemp(prefix="imgcls-sweep-", dir="/tmp"))
     os.environ.setdefault("IMGCLS_CACHE", str(Path(tempfile.gettempdir()) / "imgcls-sweep-cache"))
     root = subset_view(args.data, work, classes=args.classes, held_out=args.held_out) if args.classes else args.data
@@ -114,9 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             for seed in seeds:
                 out = work / f"{name}-{seed}"
                 t0 = time.time()
-                result = imgcls.train(root, out, config=args.config, verbose=False,
-                                      **{**base, **parse_settings(settings), "epochs": args.epochs, "seed": seed,
-                                         "progress": False})
+                with averages:
+                    result = imgcls.train(root, out, config=args.config, verbose=False,
+                                          **{**base, **parse_settings(settings), "epochs": args.epochs, "seed": seed,
+                                             "progress": False})
                 wall = time.time() - t0
                 if result.stopped != "done":  # a signal (or a time limit) cut it short: not a result
                     stopped = result.stopped
@@ -132,9 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                     row["at_size"] = score_at_sizes(out, root, sizes)
                 if crops:
                     row["at_crop"] = score_eval_crops(out, root, crops)
+                if averages.shares:
+                    row["at_ema"] = averages.score(out, root)
                 runs.append(row)
                 print(f"  {name} seed {seed}: final {row['final']:.4f} best {row['best']:.4f} {wall:.0f}s "
-                      f"{row.get('at_size', '')} {row.get('at_crop', '')}", flush=True)
+                      f"{row.get('at_size', '')} {row.get('at_crop', '')} {row.get('at_ema', '')}", flush=True)
                 if args.json:
                     with open(args.json, "a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -155,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
             acc = np.array([r["at_crop"][f] for r in runs])
             se = acc.std(ddof=1) / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
             print(f"{f'  eval_crop={f}':24s} {acc.mean():.4f} +- {se:.4f}")
+        for share in sorted(runs[0].get("at_ema", {})):
+            acc = np.array([r["at_ema"][share] for r in runs])
+            diff = acc - np.array([r["at_ema"][optim.EMA_SHARE] for r in runs])
+            se, dse = (a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else float("nan") for a in (acc, diff))
+            print(f"{f'  ema share {share}':24s} {acc.mean():.4f} +- {se:.4f} paired {diff.mean():+.4f} +- {dse:.4f}")
     return 130 if stopped == "interrupted" else 1 if stopped else 0
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import imgcls
+
 from conftest import FAST, write_image
 from imgcls import cli, config, optim, recipes
 from imgcls.models import create_model
@@ -148,8 +150,7 @@ def test_no_flags_and_the_shipped_presets_train_with_the_recipe(preset):
     assert recipes.model_for(32) == "resnet18s2" and recipes.model_for(64) == "resnet18d"  # stride 2 below 64 px
 
 
-def test_a_sweep_records_only_runs_that_finished(food11_tiny, tmp_path, capsys):
-    """A run cut short (a signal, or here time_limit=) is no result: the sweep ends there, without its row."""
+def import_sweep():
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -157,6 +158,12 @@ def test_a_sweep_records_only_runs_that_finished(food11_tiny, tmp_path, capsys):
         import sweep
     finally:
         sys.path.pop(0)
+    return sweep
+
+
+def test_a_sweep_records_only_runs_that_finished(food11_tiny, tmp_path, capsys):
+    """A run cut short (a signal, or here time_limit=) is no result: the sweep ends there, without its row."""
+    sweep = import_sweep()
     log = tmp_path / "sweep.jsonl"
     base = " ".join(s for s in FAST if not s.startswith("epochs="))
     rc = sweep.main(["--data", str(food11_tiny), "--epochs", "2", "--base", base, "--json", str(log),
@@ -165,3 +172,28 @@ def test_a_sweep_records_only_runs_that_finished(food11_tiny, tmp_path, capsys):
     assert rc == 1 and [(r["arm"], len(r["curve"])) for r in rows] == [("whole", 2)]
     out = capsys.readouterr().out
     assert "cut seed 0: stopped (time_limit)" in out and "after seed" not in out
+
+
+def test_a_sweep_scores_other_ema_lengths_from_the_same_run(food11_tiny, tmp_path, capsys):
+    """--ema-shares: averages over other shares of the steps, fed at every step the run's own EMA is, scored
+    after the run on its view; the run's own average scores what the run reported, and nothing is left patched."""
+    sweep = import_sweep()
+    build = optim.build_ema
+    with sweep.Averages([0, 0.5]) as averages:
+        result = imgcls.train(food11_tiny, tmp_path / "run", **dict(s.split("=") for s in FAST))
+    assert optim.build_ema is build
+    own, longer, raw = (averages.models[k] for k in (optim.EMA_SHARE, 0.5, 0.0))
+    assert own.n_averaged == longer.n_averaged and int(own.n_averaged) > 0  # fed at the same steps
+    assert own.multi_avg_fn is not longer.multi_avg_fn
+    assert any(not torch.equal(a, b) for a, b in zip(own.module.state_dict().values(), longer.module.state_dict().values()))
+    scores = averages.score(tmp_path / "run", food11_tiny)
+    assert sorted(scores) == [0.0, optim.EMA_SHARE, 0.5] and scores[optim.EMA_SHARE] == result.final_val_acc
+
+    log = tmp_path / "sweep.jsonl"
+    base = " ".join(s for s in FAST if not s.startswith("epochs="))
+    assert sweep.main(["--data", str(food11_tiny), "--epochs", "2", "--base", base, "--json", str(log),
+                       "--ema-shares", "0,0.3", "--arm", "a", "", "--seeds", "0,1"]) == 0
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [sorted(r["at_ema"]) for r in rows] == [["0.0", "0.1", "0.3"]] * 2
+    assert all(r["at_ema"]["0.1"] == r["final"] for r in rows)
+    assert "ema share 0.3" in capsys.readouterr().out
