@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One call of the device tool's `run` (issue 34): set up imgcls on a bare GPU machine from what travels
+# What the device tool's `run` calls (issue 34): set up imgcls on a bare GPU machine from what travels
 # with the tree, run benchmarks/gpu_check.py and one full --config tiny-imagenet training with
-# epochs=auto time_limit= on a carried tiny-imagenet-100 subset, and print a short table last.
+# epochs=auto time_limit= on a carried tiny-imagenet-100 subset, and print a short table last. On a
+# lent device, two calls (--skip train, then --skip gpu_check: BENCHMARKS.md says why).
 #
 #   bash benchmarks/device_run.sh [--data .devdata/tiny-imagenet-100-first60.tar.gz] [--wheels .whl]
 #       [--device cuda|cpu] [--time-limit 120] [--gpu-check-timeout 240] [--gpu-check-args ARGS]
