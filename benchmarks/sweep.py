@@ -106,7 +106,7 @@ class Averages:
             raise SystemExit("--ema-shares needs the run's own EMA (ema=auto or a decay, not 0)")
         horizon = 1 / (1 - decay)  # steps; ema=auto: EMA_SHARE of the run's
         extra = {s: self.build_ema(model, 1 - 1 / max(2.0, horizon * s / optim.EMA_SHARE)) for s in self.shares if s}
-        self.models = {optim.EMA_SHARE: ema, **extra, **({0.0: model} if 0 in self.shares else {})}
+        self.models = {**extra, **({0.0: model} if 0 in self.shares else {})}  # the run's own: its last weights
         update = ema.update_parameters
 
         def update_all(source) -> None:
@@ -118,15 +118,18 @@ class Averages:
         return ema
 
     def score(self, run_dir: Path, data_root: Path) -> dict[float, float]:
-        """Held-out accuracy of each average (and the raw weights) after the run, on the run's own view."""
+        """Held-out accuracy of each average (and the raw weights) after the run, on the run's own view. The
+        run's own EMA is scored from its last.safetensors: finish() has loaded the best epoch's weights into
+        it by now."""
         from imgcls import hardware, inference
 
         cfg = config.resolve(file=run_dir / "config.yaml")
         hw = hardware.resolve(cfg.run)
         prep = data.prepare(data_root, cfg, progress=False)
         view = dict(size=config.eval_size(cfg.data), crop=cfg.data.eval_crop, hw=hw, batch_size=cfg.run.eval_batch_size)
+        models = {**self.models, optim.EMA_SHARE: inference.load_run(run_dir, weights="last", hw=hw).model}
         out = {s: inference.evaluate(getattr(m, "module", m), prep.images, prep.rows["val"], prep.labels, **view)[1]
-               for s, m in sorted(self.models.items())}
+               for s, m in sorted(models.items())}
         self.models = {}
         return out
 
