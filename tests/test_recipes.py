@@ -180,15 +180,19 @@ def test_a_sweep_scores_other_ema_lengths_from_the_same_run(food11_tiny, tmp_pat
     below its best (finish() has loaded the best weights into it), and nothing is left patched."""
     sweep = import_sweep()
     build = optim.build_ema
-    with sweep.Averages([0, 0.5]) as averages:
+    with sweep.Averages([0, 0.2, 0.5]) as averages:
         result = imgcls.train(food11_tiny, tmp_path / "run", **{**dict(s.split("=") for s in FAST), "seed": 2, "amp": "off"})
     assert optim.build_ema is build
     assert result.final_val_acc < result.best_val_acc, "this seed's run must end below its best for the test to mean anything"
-    longer, raw = averages.models[0.5], averages.models[0.0]
+    short, longer, raw = averages.models[0.2], averages.models[0.5], averages.models[0.0]
     assert int(longer.n_averaged) == len(result.metrics) * 3  # every step: 24 images, batch 8
-    assert any(not torch.equal(a, b) for a, b in zip(longer.module.state_dict().values(), raw.state_dict().values()))
+
+    def differ(a, b) -> bool:
+        return any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    assert differ(longer.module, raw) and differ(longer.module, short.module)  # no warm-up cap makes them one
     scores = averages.score(tmp_path / "run", food11_tiny)
-    assert sorted(scores) == [0.0, optim.EMA_SHARE, 0.5] and scores[optim.EMA_SHARE] == result.final_val_acc
+    assert sorted(scores) == [0.0, optim.EMA_SHARE, 0.2, 0.5] and scores[optim.EMA_SHARE] == result.final_val_acc
 
     log = tmp_path / "sweep.jsonl"
     base = " ".join(s for s in FAST if not s.startswith("epochs="))
