@@ -106,6 +106,7 @@ class OptimConfig:
     accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     ema: float = "auto"  # EMA decay per optimizer step (e.g. 0.999); 0 = off; auto = averaging the last 10% of the steps
+    #   (the decay warms up as (1 + n) / (10 + n): no decay averages more than about the last ninth of the steps so far)
     lr_backbone: float = 1.0  # fine-tuning: lr of every parameter but the classifier's, as a multiple of lr
     freeze_epochs: int = 0  # fine-tuning: train the classifier alone for the first N epochs
 

@@ -131,7 +131,9 @@ def ema_update(decay: float):
     """AveragedModel's multi_avg_fn for an EMA whose decay warms up as min(decay, (1 + n) / (10 + n))
     over its n updates (TensorFlow's ExponentialMovingAverage with num_updates). torch's
     get_ema_multi_avg_fn uses `decay` from the first step: a 69-step food-10 run with ema=0.999
-    then evaluated weights still 93% random (val_acc 0.100 = chance at every epoch)."""
+    then evaluated weights still 93% random (val_acc 0.100 = chance at every epoch). The warm-up also caps
+    the horizon at about n / 9 steps for good: a decay asking for more than about the last ninth of the
+    steps so far gets that ninth (benchmarks/sweep.py --ema-shares measures longer tails its own way)."""
     @torch.no_grad()
     def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], n: torch.Tensor) -> None:
         if not ema_params[0].is_floating_point():  # integer buffers (BatchNorm's num_batches_tracked)
