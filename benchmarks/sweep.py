@@ -52,8 +52,6 @@ def subset_view(root: Path, work: Path, *, classes: int, held_out: float, seed: 
 
 def score_at_sizes(run_dir: Path, data_root: Path, sizes: list[int]) -> dict[int, float]:
     """Held-out accuracy of the run's final (last) weights at other test resolutions."""
-    import torch
-
     from imgcls import hardware, inference
 
     cfg = config.resolve(file=run_dir / "config.yaml")
@@ -71,8 +69,6 @@ def score_at_sizes(run_dir: Path, data_root: Path, sizes: list[int]) -> dict[int
 
 def score_eval_crops(run_dir: Path, data_root: Path, fractions: list[float]) -> dict[float, float]:
     """Held-out accuracy of the run's final weights on plain views of other centre crops (eval_crop=)."""
-    import torch
-
     from imgcls import hardware, inference
 
     cfg = config.resolve(file=run_dir / "config.yaml")
@@ -91,13 +87,7 @@ def tail_average(share: float):
     at the end it averages about the last share of the run. optim.ema_update's warm-up (1 + n) / (10 + n)
     caps any EMA's horizon at about n / 9 steps, so fixed decays cannot ask for a longer tail than
     ema=auto's tenth of the run: shares of 0.2 and 0.3 built so scored exactly alike."""
-    @torch.no_grad()
-    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], n: torch.Tensor) -> None:
-        if not ema_params[0].is_floating_point():  # integer buffers (BatchNorm's num_batches_tracked)
-            torch._foreach_copy_(ema_params, params)
-            return
-        torch._foreach_lerp_(ema_params, params, (1 / (1 + share * n)).to(ema_params[0].dtype))
-    return update
+    return optim.averaging(lambda n: 1 / (1 + share * n))
 
 
 class Averages:
@@ -110,7 +100,8 @@ class Averages:
         self.build_ema = optim.build_ema
 
     def __enter__(self) -> Averages:
-        optim.build_ema = self.build
+        if self.shares:  # without shares, the run's own EMA stays as imgcls builds it
+            optim.build_ema = self.build
         return self
 
     def __exit__(self, *exc) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +128,18 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
                                           weight_decay=cfg.weight_decay, **kwargs)
 
 
+def averaging(weight: Callable[[torch.Tensor], torch.Tensor]):
+    """AveragedModel's multi_avg_fn that moves the average towards the newest weights by weight(n) after
+    n updates (a tensor: no CPU-GPU sync per step); integer buffers are copied."""
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], n: torch.Tensor) -> None:
+        if not ema_params[0].is_floating_point():  # integer buffers (BatchNorm's num_batches_tracked)
+            torch._foreach_copy_(ema_params, params)
+            return
+        torch._foreach_lerp_(ema_params, params, weight(n).to(ema_params[0].dtype))
+    return update
+
+
 def ema_update(decay: float):
     """AveragedModel's multi_avg_fn for an EMA whose decay warms up as min(decay, (1 + n) / (10 + n))
     over its n updates (TensorFlow's ExponentialMovingAverage with num_updates). torch's
@@ -134,14 +147,7 @@ def ema_update(decay: float):
     then evaluated weights still 93% random (val_acc 0.100 = chance at every epoch). The warm-up also caps
     the horizon at about n / 9 steps for good: a decay asking for more than about the last ninth of the
     steps so far gets that ninth (benchmarks/sweep.py --ema-shares measures longer tails its own way)."""
-    @torch.no_grad()
-    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], n: torch.Tensor) -> None:
-        if not ema_params[0].is_floating_point():  # integer buffers (BatchNorm's num_batches_tracked)
-            torch._foreach_copy_(ema_params, params)
-            return
-        keep = torch.clamp((1 + n) / (10 + n), max=decay)  # a tensor: no CPU-GPU sync per step
-        torch._foreach_lerp_(ema_params, params, (1 - keep).to(ema_params[0].dtype))
-    return update
+    return averaging(lambda n: 1 - torch.clamp((1 + n) / (10 + n), max=decay))
 
 
 EMA_SHARE = 0.1  # ema=auto averages over about this share of the run's steps
