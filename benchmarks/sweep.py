@@ -11,7 +11,9 @@ those test resolutions (FixRes), `--eval-crops 1,0.875,0.8` on those centre crop
 `--ema-shares 0,0.05,0.2,0.3` also keeps averages over about those last shares of the run's steps beside the
 run's own EMA (ema=auto: about its last tenth), fed at the same steps, and scores each at the end (0: the raw
 weights): the EMA length axis from one run per seed, its training unchanged. `--classes N` trains on the first N classes
-only (a symlinked view; `--held-out F` of their labelled images is the validation split).
+only (a symlinked view; `--held-out F` of their labelled images is the validation split). The table at the end
+gives every later arm's paired difference against the first arm (the same seeds), the figure a default change
+rests on: put the default first.
 """
 from __future__ import annotations
 
@@ -141,14 +143,61 @@ class Averages:
         return out
 
 
+def sem(values: np.ndarray) -> float:
+    """Standard error of the mean (nan for one value)."""
+    return values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+
+
+def summary(table: list[tuple[str, str, list[dict]]], crops: list[float]) -> list[str]:
+    """The sweep's table: per arm its mean +- s.e. over the seeds, and every later arm's paired difference
+    against the first arm over the seeds both ran (same seed: same split, same initial weights)."""
+    first = table[0][0] if table else ""
+    lines = [f"{'arm':24s} {'final acc':>16s} {'best acc':>8s} {'wall s':>7s} {'paired vs ' + first:>24s}  settings"]
+    base = {r["seed"]: r["final"] for r in table[0][2]} if table else {}
+    for name, settings, runs in table:
+        final = np.array([r["final"] for r in runs])
+        paired = np.array([r["final"] - base[r["seed"]] for r in runs if r["seed"] in base])
+        against = f"{paired.mean():+.4f} +- {sem(paired):.4f}" if name != first and len(paired) else ""
+        lines.append(f"{name:24s} {final.mean():.4f} +- {sem(final):.4f} {np.mean([r['best'] for r in runs]):8.4f} "
+                     f"{np.mean([r['wall'] for r in runs]):7.0f} {against:>24s}  {settings}")
+        for f in crops:
+            acc = np.array([r["at_crop"][f] for r in runs if f in r.get("at_crop", {})])
+            if len(acc):
+                lines.append(f"{f'  eval_crop={f}':24s} {acc.mean():.4f} +- {sem(acc):.4f}")
+        averaged = [r for r in runs if r.get("at_ema")]  # the runs that kept other averages (--ema-shares)
+        for share in sorted(averaged[0]["at_ema"] if averaged else {}):
+            acc = np.array([r["at_ema"][share] for r in averaged])
+            diff = acc - np.array([r["at_ema"][optim.EMA_SHARE] for r in averaged])
+            lines.append(f"{f'  ema share {share}':24s} {acc.mean():.4f} +- {sem(acc):.4f} "
+                         f"paired {diff.mean():+.4f} +- {sem(diff):.4f} ({len(averaged)} runs)")
+    return lines
+
+
+def saved_table(files: list[Path]) -> list[tuple[str, str, list[dict]]]:
+    """Rows from sweeps' --json files as summary's table: one entry per arm and budget (named ARM@EPOCHS where
+    an arm ran at several), in the order first seen."""
+    rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+    for r in rows:  # JSON keys are strings
+        for key in ("at_crop", "at_ema", "at_size"):
+            r[key] = {float(k): v for k, v in r.get(key, {}).items()}
+    budgets = {}
+    for r in rows:
+        budgets.setdefault(r["arm"], set()).add(r["epochs"])
+    table: dict[str, tuple[str, str, list[dict]]] = {}
+    for r in rows:
+        name = r["arm"] if len(budgets[r["arm"]]) == 1 else f"{r['arm']}@{r['epochs']}"
+        table.setdefault(name, (name, r["settings"], []))[2].append(r)
+    return list(table.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--data", type=Path)
+    p.add_argument("--epochs", type=int)
     p.add_argument("--seeds", default="0")
     p.add_argument("--base", default="", help="key=value settings shared by every arm")
     p.add_argument("--config", help="a YAML file under --base")
-    p.add_argument("--arm", nargs=2, action="append", metavar=("NAME", "SETTINGS"), required=True)
+    p.add_argument("--arm", nargs=2, action="append", metavar=("NAME", "SETTINGS"))
     p.add_argument("--classes", type=int, default=0, help="train on the first N classes only")
     p.add_argument("--held-out", type=float, default=0.2)
     p.add_argument("--eval-sizes", default="", help="comma-separated test resolutions to score the final weights at")
@@ -156,7 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ema-shares", default="", help="comma-separated shares of the steps to also average over "
                    "and score (0: the raw weights)")
     p.add_argument("--json", type=Path, help="append one JSON line per run")
+    p.add_argument("--table", type=Path, nargs="+", metavar="JSONL", help="train nothing: the table of runs that "
+                   "earlier sweeps' --json files hold (the first file's first arm is the one others pair against)")
     args = p.parse_args(argv)
+    if args.table:
+        table = saved_table(args.table)
+        print("\n".join(summary(table, sorted({f for _, _, runs in table for r in runs for f in r.get("at_crop", {})}))))
+        return 0
+    if not (args.data and args.epochs and args.arm):
+        p.error("--data, --epochs and at least one --arm are needed (or --table to read earlier runs)")
     process.keep_freed_memory()
     seeds = [int(s) for s in args.seeds.split(",")]
     sizes = [int(s) for s in args.eval_sizes.split(",") if s]
@@ -211,21 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{'arm':24s} {'final acc':>16s} {'best acc':>8s} {'wall s':>7s}  settings")
-    for name, settings, runs in table:
-        final = np.array([r["final"] for r in runs])
-        se = final.std(ddof=1) / math.sqrt(len(final)) if len(final) > 1 else float("nan")
-        print(f"{name:24s} {final.mean():.4f} +- {se:.4f} {np.mean([r['best'] for r in runs]):8.4f} "
-              f"{np.mean([r['wall'] for r in runs]):7.0f}  {settings}")
-        for f in crops:
-            acc = np.array([r["at_crop"][f] for r in runs])
-            se = acc.std(ddof=1) / math.sqrt(len(acc)) if len(acc) > 1 else float("nan")
-            print(f"{f'  eval_crop={f}':24s} {acc.mean():.4f} +- {se:.4f}")
-        for share in sorted(runs[0].get("at_ema", {})):
-            acc = np.array([r["at_ema"][share] for r in runs])
-            diff = acc - np.array([r["at_ema"][optim.EMA_SHARE] for r in runs])
-            se, dse = (a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else float("nan") for a in (acc, diff))
-            print(f"{f'  ema share {share}':24s} {acc.mean():.4f} +- {se:.4f} paired {diff.mean():+.4f} +- {dse:.4f}")
+    print("\n" + "\n".join(summary(table, crops)))
     return 130 if stopped == "interrupted" else 1 if stopped else 0
 
 

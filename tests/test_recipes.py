@@ -202,3 +202,26 @@ def test_a_sweep_scores_other_ema_lengths_from_the_same_run(food11_tiny, tmp_pat
     assert [sorted(r["at_ema"]) for r in rows] == [["0.0", "0.1", "0.3"]] * 2
     assert all(r["at_ema"]["0.1"] == r["final"] for r in rows)
     assert "ema share 0.3" in capsys.readouterr().out
+
+
+def test_a_sweep_table_pairs_every_arm_with_the_first_by_seed(tmp_path, capsys):
+    """The table a default change rests on: later arms against the first, seed by seed (seeds the first arm
+    lacks are left out of the pairing), read back from --json files of earlier sweeps without training."""
+    sweep = import_sweep()
+    row = dict(settings="", base="", data="d", wall=10.0, best=0.0, curve=[], model="m")
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    one.write_text("".join(json.dumps({**row, "arm": "default", "epochs": 20, "seed": s, "final": f}) + "\n"
+                           for s, f in [(0, 0.70), (1, 0.60)]))
+    two.write_text("".join(json.dumps({**row, "arm": arm, "epochs": 20, "seed": s, "final": f,
+                                       "at_ema": {"0.0": f - 0.01, "0.1": f}}) + "\n"
+                           for arm, s, f in [("new", 0, 0.74), ("new", 1, 0.62), ("new", 2, 0.99)]))
+    table = sweep.saved_table([one, two])
+    assert [(name, [r["seed"] for r in runs]) for name, _, runs in table] == [("default", [0, 1]), ("new", [0, 1, 2])]
+    assert sweep.main(["--table", str(one), str(two)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    new = next(line for line in lines if line.startswith("new "))
+    assert "paired vs default" in lines[0] and "+0.0300 +- 0.0100" in new  # (+0.04, +0.02); seed 2 unpaired
+    assert next(line for line in lines if line.startswith("default ")).count("+-") == 1  # no pairing with itself
+    assert any("ema share 0.0" in line and "paired -0.0100" in line for line in lines)
+    with pytest.raises(SystemExit):  # training needs its arguments
+        sweep.main(["--epochs", "2"])
