@@ -114,7 +114,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class RunConfig:
     epochs: int = 10  # or auto: as many as fit in time_limit= (planned after a short calibration)
-    batch_size: int = 32  # global batch, independent of the number of ranks (small: more steps on small data)
+    batch_size: int = 32  # global batch, independent of the number of ranks (small: more steps on small data); unset: by image_size (recipes.batch_for)
     eval_batch_size: int = 512
     seed: int = 0
     seeds: tuple[int, ...] = ()  # repeats: train once per seed and summarize

@@ -150,6 +150,15 @@ def test_no_flags_and_the_shipped_presets_train_with_the_recipe(preset):
     assert recipes.model_for(32) == "resnet18s2" and recipes.model_for(64) == "resnet18d"  # stride 2 below 64 px
 
 
+def test_batch_size_follows_the_image_size_unless_given():
+    """64 at 64 px (Muon's step would cost more than the model's at 32), 32 at 128 px and below 64; a batch
+    from the user, a layout's defaults or a preset file is kept."""
+    assert [config.resolve(overrides=[f"image_size={s}"]).run.batch_size for s in (32, 64, 95, 96, 128)] == [32, 64, 64, 32, 32]
+    assert config.resolve(overrides=["image_size=64", "batch_size=16"]).run.batch_size == 16
+    assert config.resolve(defaults={"image_size": 64, "batch_size": 8}).run.batch_size == 8
+    assert config.resolve(file="food11", overrides=["image_size=64"]).run.batch_size == 32  # the preset's own
+
+
 def import_sweep():
     import sys
 
