@@ -151,9 +151,9 @@ def sem(values: np.ndarray) -> float:
 def summary(table: list[tuple[str, str, list[dict]]], crops: list[float]) -> list[str]:
     """The sweep's table: per arm its mean +- s.e. over the seeds, and every later arm's paired difference
     against the first arm over the seeds both ran (same seed: same split, same initial weights)."""
-    first = table[0][0] if table else ""
+    first, _, first_runs = table[0] if table else ("", "", [])
+    base = {r["seed"]: r["final"] for r in first_runs}
     lines = [f"{'arm':24s} {'final acc':>16s} {'best acc':>8s} {'wall s':>7s} {'paired vs ' + first:>24s}  settings"]
-    base = {r["seed"]: r["final"] for r in table[0][2]} if table else {}
     for name, settings, runs in table:
         final = np.array([r["final"] for r in runs])
         paired = np.array([r["final"] - base[r["seed"]] for r in runs if r["seed"] in base])
