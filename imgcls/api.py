@@ -249,9 +249,10 @@ def preview(data: str | Path, out: str | Path, *, views: int = 8, images: int = 
     return render_preview(data, out, views=views, images=images, config=config, **overrides).grid_path
 
 
-def models(*, sizes: tuple[int, ...] = (64, 128), speed: bool = True, device: str = "auto", batch: int = 32):
+def models(*, sizes: tuple[int, ...] = (64, 128), speed: bool = True, device: str = "auto", batch: int | None = None):
     """Every registered model: parameters, forward GFLOPs per image at `sizes`, and (speed=True)
-    training images/s measured on this machine with a run's precision and memory format."""
+    training images/s measured on this machine with a run's precision, memory format and (batch=None)
+    batch size at each size."""
     from imgcls import config as configs, hardware
     from imgcls.models.profile import profile
 

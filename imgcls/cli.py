@@ -211,7 +211,8 @@ def cmd_models(args) -> int:
 
     sizes = tuple(int(x) for x in args.sizes.split(","))
     found = api.models(sizes=sizes, speed=not args.no_speed, device=args.device, batch=args.batch)
-    where = "" if args.no_speed else f" (training img/s: batch {args.batch}, {hardware.describe(args.device)})"
+    batches = ", ".join(f"{args.batch or recipes.batch_for(s)} at {s} px" for s in sizes)
+    where = "" if args.no_speed else f" (training img/s: batch {batches}, {hardware.describe(args.device)})"
     print(f"{'model':12s} {'params':>8s} " + " ".join(f"{f'GFLOPs@{s}':>10s}" for s in sizes)
           + ("" if args.no_speed else " " + " ".join(f"{f'img/s@{s}':>10s}" for s in sizes)) + where)
     for p in found:
@@ -368,7 +369,9 @@ def args_models(sp):
     sp.add_argument("--sizes", default="64,128", help="input sizes in px (default 64,128)")
     sp.add_argument("--no-speed", action="store_true", help="skip the speed measurement (a few seconds per model)")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    sp.add_argument("--batch", type=int, default=32, help="batch size of the timed training steps")
+    sp.add_argument("--batch", type=int, default=None,
+                    help="batch size of the timed training steps (default: a run's at each size: 64 from 64 to 95 px, "
+                         "else 32)")
 
 
 def args_inspect(sp):

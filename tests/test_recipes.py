@@ -132,6 +132,17 @@ def test_models_lists_parameters_flops_and_measured_speed(capsys):
         params, gflops, speed = line.split()[1:4]
         assert params.endswith("M") and float(gflops) > 0 and float(speed) > 0
     assert "model=auto" in out
+    assert "batch 4 at 32 px" in out
+
+
+def test_models_times_each_size_at_a_runs_batch_unless_given_one(monkeypatch, capsys):
+    from imgcls.models import profile
+
+    timed = []
+    monkeypatch.setattr(profile, "train_speed", lambda model, size, *, hw, batch: timed.append((size, batch)) or 1.0)
+    assert cli.main(["models", "--sizes", "64,128"]) == 0
+    assert set(timed) == {(64, recipes.batch_for(64)), (128, recipes.batch_for(128))} and recipes.batch_for(64) == 64
+    assert "batch 64 at 64 px, 32 at 128 px" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("preset", [None, "food11", "tiny-imagenet", "food11-light", "food11-strong",

@@ -58,8 +58,11 @@ def train_speed(model: torch.nn.Module, size: int, *, hw, batch: int = 32, steps
 
 
 def profile(names: list[str] | None = None, *, sizes: tuple[int, ...] = (64, 128), hw=None,
-            batch: int = 32) -> list[ModelProfile]:
-    """One ModelProfile per registered model (or per name); `hw`: measure training speed on it."""
+            batch: int | None = None) -> list[ModelProfile]:
+    """One ModelProfile per registered model (or per name); `hw`: measure training speed on it, at `batch`
+    or (None) at the batch a run with that image_size trains with (recipes.batch_for)."""
+    from imgcls.recipes import batch_for
+
     out = []
     for name in names or sorted(_MODELS):
         model = create_model(name, 10)
@@ -68,6 +71,7 @@ def profile(names: list[str] | None = None, *, sizes: tuple[int, ...] = (64, 128
         for size in sizes:
             p.gflops[size] = forward_gflops(model, size)
             if hw is not None:
-                p.train_images_per_second[size] = train_speed(create_model(name, 10), size, hw=hw, batch=batch)
+                p.train_images_per_second[size] = train_speed(create_model(name, 10), size, hw=hw,
+                                                              batch=batch or batch_for(size))
         out.append(p)
     return out
