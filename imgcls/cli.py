@@ -211,7 +211,7 @@ def cmd_models(args) -> int:
 
     sizes = tuple(int(x) for x in args.sizes.split(","))
     found = api.models(sizes=sizes, speed=not args.no_speed, device=args.device, batch=args.batch)
-    batches = ", ".join(f"{args.batch or recipes.batch_for(s)} at {s} px" for s in sizes)
+    batches = ", ".join(f"{b} at {s} px" for s, b in found[0].train_batch.items())
     where = "" if args.no_speed else f" (training img/s: batch {batches}, {hardware.describe(args.device)})"
     print(f"{'model':12s} {'params':>8s} " + " ".join(f"{f'GFLOPs@{s}':>10s}" for s in sizes)
           + ("" if args.no_speed else " " + " ".join(f"{f'img/s@{s}':>10s}" for s in sizes)) + where)

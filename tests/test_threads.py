@@ -37,22 +37,22 @@ class Machine:
     def wait(self, seconds: float) -> None:
         self.now += seconds
 
-
-def tuner_on(machine: Machine, cores: int, threads: int) -> process.ThreadTuner:
-    torch.set_num_threads(threads)
-    return process.ThreadTuner(cores=cores)
+    def tuner(self, *, cores: int, threads: int) -> process.ThreadTuner:
+        """A tuner on this clock, starting from `threads` torch threads."""
+        torch.set_num_threads(threads)
+        return process.ThreadTuner(cores=cores)
 
 
 def test_alone_the_tuner_keeps_every_core(monkeypatch):
     machine = Machine(monkeypatch)
-    tuner = tuner_on(machine, cores=2, threads=2)
+    tuner = machine.tuner(cores=2, threads=2)
     assert [machine.window(tuner, rate=100, cores_got=1.9) for _ in range(50)] == [2] * 50
     assert torch.get_num_threads() == 2
 
 
 def test_starved_it_tries_one_thread_fewer_and_keeps_it_only_when_faster(monkeypatch):
     machine = Machine(monkeypatch)
-    tuner = tuner_on(machine, cores=2, threads=2)
+    tuner = machine.tuner(cores=2, threads=2)
     assert machine.window(tuner, rate=30, cores_got=1.2) == 1  # half a core short: another process holds one
     assert machine.window(tuner, rate=32, cores_got=1.0) == 2  # not 10% faster: back to 2
     assert tuner.wait == 2 * tuner.FIRST_TRY  # and the next try up waits longer
@@ -63,7 +63,7 @@ def test_starved_it_tries_one_thread_fewer_and_keeps_it_only_when_faster(monkeyp
 
 def test_with_fewer_threads_than_cores_it_tries_one_more_now_and_then(monkeypatch):
     machine = Machine(monkeypatch)
-    tuner = tuner_on(machine, cores=2, threads=1)
+    tuner = machine.tuner(cores=2, threads=1)
     assert machine.window(tuner, rate=60, cores_got=1.0) == 1  # not before FIRST_TRY seconds
     machine.wait(tuner.FIRST_TRY)
     assert machine.window(tuner, rate=60, cores_got=1.0) == 2  # the other process may have ended

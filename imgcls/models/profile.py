@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from imgcls.models.registry import _MODELS, create_model
+from imgcls.recipes import batch_for
 
 
 @dataclass
@@ -19,6 +20,7 @@ class ModelProfile:
     params: int
     gflops: dict[int, float] = field(default_factory=dict)  # input px -> forward GFLOPs per image
     train_images_per_second: dict[int, float] = field(default_factory=dict)  # input px -> measured
+    train_batch: dict[int, int] = field(default_factory=dict)  # input px -> the batch it was measured at
 
 
 def forward_gflops(model: torch.nn.Module, size: int) -> float:
@@ -61,8 +63,6 @@ def profile(names: list[str] | None = None, *, sizes: tuple[int, ...] = (64, 128
             batch: int | None = None) -> list[ModelProfile]:
     """One ModelProfile per registered model (or per name); `hw`: measure training speed on it, at `batch`
     or (None) at the batch a run with that image_size trains with (recipes.batch_for)."""
-    from imgcls.recipes import batch_for
-
     out = []
     for name in names or sorted(_MODELS):
         model = create_model(name, 10)
@@ -71,7 +71,8 @@ def profile(names: list[str] | None = None, *, sizes: tuple[int, ...] = (64, 128
         for size in sizes:
             p.gflops[size] = forward_gflops(model, size)
             if hw is not None:
+                p.train_batch[size] = batch or batch_for(size)
                 p.train_images_per_second[size] = train_speed(create_model(name, 10), size, hw=hw,
-                                                              batch=batch or batch_for(size))
+                                                              batch=p.train_batch[size])
         out.append(p)
     return out
