@@ -370,8 +370,8 @@ def args_models(sp):
     sp.add_argument("--no-speed", action="store_true", help="skip the speed measurement (a few seconds per model)")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     sp.add_argument("--batch", type=int, default=None,
-                    help="batch size of the timed training steps (default: a run's at each size: 64 from 64 to 95 px, "
-                         "else 32)")
+                    help="batch size of the timed training steps (default: the batch a run trains with at each size, "
+                         "printed in the header)")
 
 
 def args_inspect(sp):
