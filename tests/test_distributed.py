@@ -171,3 +171,15 @@ def test_ranks_agree_on_stopping_at_the_same_step(tmp_path):
         assert r["stop"] == ["interrupted", True]
         assert r["limit"] == ["time_limit", False]
         assert r["sum"] == [2.0, 2.0] and r["gather"] == [0, 10]
+
+
+@pytest.mark.parametrize("world, teardown", [("2", False), ("1", True)])
+def test_a_torchrun_rank_skips_the_interpreter_teardown(world, teardown):
+    """gloo can abort in the teardown after a finished training (torchrun then reports a failure): a rank
+    ends in os._exit with its exit code, its output flushed; a single process exits as usual."""
+    script = ("import atexit, sys; atexit.register(print, 'teardown'); from imgcls import cli; "
+              "print('started'); sys.exit(cli.main(['inspect', 'no-such-folder']))")
+    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "WORLD_SIZE": world},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "started" in proc.stdout and "no-such-folder" in proc.stderr
+    assert ("teardown" in proc.stdout) == teardown
