@@ -438,6 +438,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `imgcls` command: returns its exit code, except in a torchrun rank, which it ends with that code."""
     code = _command(argv)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         # A torchrun rank ends here, skipping the interpreter's teardown: gloo can abort in it ("terminate called
