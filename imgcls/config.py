@@ -55,7 +55,7 @@ def cache_size(data: DataConfig) -> int:
 
 @dataclass(frozen=True)
 class AugConfig:
-    aug: str = "auto"  # preset: auto (by epochs: recipes.aug_for) | short | light | medium | strong | custom (the keys below as set)
+    aug: str = "auto"  # preset: auto (by epochs: recipes.aug_for) | short | light | medium | medium-mix | strong | custom (the keys below as set)
     crop_scale: tuple[float, float] = (0.35, 1.0)  # random-resized-crop area fraction
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random-resized-crop aspect range
     hflip: float = 0.5  # probability of a horizontal flip

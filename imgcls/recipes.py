@@ -47,11 +47,17 @@ AUG_PRESETS = {
 # 5 epochs or fewer: light with crops of at least 60% of the image. food-10, 128 px, 5 epochs, 3 seeds:
 # 50.4 +- 0.2% against light's 48.9 +- 0.7% (better at every seed; not measured beyond 5 epochs).
 AUG_PRESETS["short"] = {**AUG_PRESETS["light"], "crop_scale": (0.6, 1.0)}
+# medium with strong's mixing: each image mixed with probability 0.8, by mixup or cutmix at even odds.
+# food-10, 128 px, 80 epochs, 3 seeds: 77.5 +- 0.7% against medium's 75.7 +- 0.2%, paired +1.9 +- 0.7
+# points (every seed higher); at 40 epochs +1.0 +- 0.7 over 5 seeds, not a win: aug=auto mixes above 40.
+AUG_PRESETS["medium-mix"] = {**AUG_PRESETS["medium"], **{key: AUG_PRESETS["strong"][key] for key in
+                                                         ("mixup_alpha", "cutmix_alpha", "mix_prob", "mix_mode")}}
+AUG_BY_EPOCHS = ((5, "short"), (30, "light"), (40, "medium"), (80, "medium-mix"))  # up to N epochs; beyond: strong
 
 
 def aug_for(epochs: int) -> str:
     """aug=auto: the preset for a schedule of this many epochs."""
-    return "short" if epochs <= 5 else "light" if epochs <= 30 else "medium" if epochs <= 80 else "strong"
+    return next((name for most, name in AUG_BY_EPOCHS if epochs <= most), "strong")
 
 
 def model_for(image_size: int) -> str:

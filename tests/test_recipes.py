@@ -45,6 +45,19 @@ def test_model_auto_chooses_by_image_size_and_aug_auto_by_epochs():
     assert (long.aug.aug, long.aug.policy) == ("strong", "trivialaugment") and long.aug.mixup_alpha > 0
 
 
+def test_aug_auto_mixes_from_41_to_80_epochs_as_strong_mixes_and_keeps_a_users_mixing_keys():
+    """Mixing won at 80 epochs (3 seeds) and did not at 40 (5 seeds): medium to 40, medium + strong's mixing to 80."""
+    at = {e: config.resolve(overrides={"aug": "auto", "epochs": e}).aug for e in (40, 41, 80, 81)}
+    assert [at[e].aug for e in at] == ["medium", "medium-mix", "medium-mix", "strong"]
+    mixing = ("mixup_alpha", "cutmix_alpha", "mix_prob", "mix_mode")
+    assert [getattr(at[40], k) for k in mixing] == [0.0, 0.0, 1.0, "batch"]  # medium: no mixing
+    assert [getattr(at[80], k) for k in mixing] == [getattr(at[81], k) for k in mixing] == [0.2, 1.0, 0.8, "sample"]
+    for key in ("crop_scale", "brightness", "contrast", "saturation", "policy", "erasing"):
+        assert getattr(at[80], key) == getattr(at[40], key)  # the rest is medium's
+    kept = config.resolve(overrides={"aug": "auto", "epochs": 60, "mixup_alpha": 0, "cutmix_alpha": 0})
+    assert (kept.aug.aug, kept.aug.mixup_alpha, kept.aug.cutmix_alpha, kept.aug.brightness) == ("medium-mix", 0, 0, 0.2)
+
+
 
 def test_an_imagefolder_trains_at_the_size_of_the_layout_its_photos_are_like(tmp_path, food11_tiny):
     photos, thumbs = tmp_path / "photos", tmp_path / "thumbs"
