@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import yaml
 
-from imgcls import config, planning, rundir, tmpfiles
+from imgcls import config, planning, recipes, rundir, tmpfiles
 from imgcls.errors import UserError
 
 Log = Callable[[str], None]
@@ -37,7 +37,7 @@ Log = Callable[[str], None]
 DEFAULT_SPACE: dict[str, Any] = {
     "lr": {"low": 0.024, "high": 0.384, "log": True},  # muon's 0.096 won at 5 epochs (0.048: -1.1, 0.024: -4.6)
     "weight_decay": {"low": 0.0125, "high": 0.2, "log": True},  # 0.05 default, never swept
-    "aug": ["short", "light", "medium", "medium-mix", "strong"],  # aug=auto: <= 5, <= 30, <= 40, <= 80 epochs, beyond
+    "aug": [name for _, name in recipes.AUG_BY_EPOCHS],  # aug=auto's presets, shortest budget first
     "label_smoothing": [0.0, 0.1, 0.2],  # 0.1 default (0 was -0.2 at 5 epochs, one seed)
     "mixup_alpha": [0.0, 0.2, 0.8],  # 'helps only for 80+ epochs' (fastai Imagenette); off by default
     "ema": ["auto", 0.0],  # auto: +1.8 at 5 epochs

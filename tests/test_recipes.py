@@ -58,7 +58,6 @@ def test_aug_auto_mixes_from_41_to_80_epochs_as_strong_mixes_and_keeps_a_users_m
     assert (kept.aug.aug, kept.aug.mixup_alpha, kept.aug.cutmix_alpha, kept.aug.brightness) == ("medium-mix", 0, 0, 0.2)
 
 
-
 def test_an_imagefolder_trains_at_the_size_of_the_layout_its_photos_are_like(tmp_path, food11_tiny):
     photos, thumbs = tmp_path / "photos", tmp_path / "thumbs"
     for i in range(5):  # photos of 160-200 px short side (one odd one of 90) and 64-px thumbnails
