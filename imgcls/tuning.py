@@ -39,7 +39,7 @@ DEFAULT_SPACE: dict[str, Any] = {
     "weight_decay": {"low": 0.0125, "high": 0.2, "log": True},  # 0.05 default, never swept
     "aug": [name for _, name in recipes.AUG_BY_EPOCHS],  # aug=auto's presets, shortest budget first
     "label_smoothing": [0.0, 0.1, 0.2],  # 0.1 default (0 was -0.2 at 5 epochs, one seed)
-    "mixup_alpha": [0.0, 0.2, 0.8],  # 'helps only for 80+ epochs' (fastai Imagenette); off by default
+    "mixup_alpha": [0.0, 0.2, 0.8],  # 'helps only for 80+ epochs' (fastai Imagenette); aug=auto mixes above 40 epochs (medium-mix)
     "ema": ["auto", 0.0],  # auto: +1.8 at 5 epochs
     "batch_size": [32, 64],  # 32 default; 64 1.6x less wall at 64 px, -1 point at 128 px (5 epochs)
 }
