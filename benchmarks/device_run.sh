@@ -86,9 +86,23 @@ step() {
 
 setup() {
     local need=() wheels=() carried=() site= how_wheels="none needed" name wheel how_imgcls
-    "$PY" -c 'import kornia' 2>/dev/null || need+=(kornia kornia_rs)
-    # imgcls's default optimizer is timm's nmuon (timm 1.0.22 and later): an older timm gets the carried one.
-    "$PY" -c 'import sys, timm.optim; sys.exit("nmuon" not in timm.optim.list_optimizers())' 2>/dev/null || need+=(timm)
+    # kornia, and timm with nmuon (imgcls's default optimizer, timm 1.0.22 and later; an older timm gets the
+    # carried one): one interpreter start asks both.
+    read -r -a need < <("$PY" - 2>/dev/null <<'PY'
+need = []
+try:
+    import kornia  # noqa: F401
+except Exception:  # not installed, or broken: the carried wheel
+    need += ["kornia", "kornia_rs"]
+try:
+    import timm.optim
+    if "nmuon" not in timm.optim.list_optimizers():
+        need.append("timm")
+except Exception:  # not installed, or broken: the carried wheel
+    need.append("timm")
+print(" ".join(need))
+PY
+)
     if [ ${#need[@]} -gt 0 ]; then
         for name in "${need[@]}"; do
             wheel=$(ls "$WHEELS/$name"-[0-9]*.whl 2>/dev/null | head -1)

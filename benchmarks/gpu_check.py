@@ -1,7 +1,7 @@
 """Every CUDA path of imgcls in one run, with what it measures (issue 17): run this first on a GPU.
 
     python benchmarks/gpu_check.py [--data /work/data/tiny-imagenet-100] [--models resnet18d resnet18s]
-        [--sizes 64 128] [--epochs 4] [--out DIR]
+        [--sizes 64 128] [--epochs 4] [--paths TEXT ...] [--out DIR]
     python benchmarks/gpu_check.py --device cpu --quick      # CI: tiny model and data, under a minute
 
 Prints a header (date, commit, device, torch), then per model and size (the tiny-imagenet preset
@@ -357,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, help="epochs of the recipe (default 4)")
     p.add_argument("--out", help="working folder (default: a temporary one, removed at the end)")
     p.add_argument("--keep", action="store_true", help="keep the working folder")
+    p.add_argument("--paths", nargs="+", metavar="TEXT", help="run only the paths whose names contain one of these "
+                   "(e.g. a rerun of the ones that failed: --paths amp=fp16 torchrun); the rest print as skipped")
     p.add_argument("--ddp-smoke", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.ddp_smoke:
@@ -390,6 +392,8 @@ def run_paths(bench: Bench, device: torch.device) -> int:
     print("\npaths:", flush=True)
     failed = 0
     for name, check in path_checks(bench, device):
+        if bench.args.paths and not any(text in name for text in bench.args.paths):
+            check = f"not in --paths {' '.join(bench.args.paths)}"
         if isinstance(check, str):
             print(f"  skip  {name}: {check}", flush=True)
             continue

@@ -112,7 +112,7 @@ def test_a_resumed_epochs_auto_run_continues_its_plan_bit_identically(tmp_path):
     run = [*FAST, "deterministic=true", "checkpoint_minutes=1e-5"]
     argv = lambda out, *extra: [sys.executable, "-m", "imgcls", "train", str(data), "--out", str(out), *run, *extra]  # noqa: E731
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(argv(killed, "epochs=auto", "time_limit=25s"), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(argv(killed, "epochs=auto", "time_limit=10s"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     while proc.poll() is None and not (killed / "plan.json").is_file():
         time.sleep(0.002)

@@ -87,7 +87,7 @@ def test_the_pruner_stops_a_bad_trial_after_its_first_epoch(data, tmp_path):
 def test_two_workers_share_the_study_and_survive_a_kill_of_one(data, tmp_path):
     out = tmp_path / "tune"
     argv = [sys.executable, "-m", "imgcls", "tune", str(data), "--out", str(out), "--trials", "4", "--workers", "2",
-            "--confirm", "0", "--space", str(space_file(tmp_path, SPACE)), *ARGV, "epochs=8"]
+            "--confirm", "0", "--space", str(space_file(tmp_path, SPACE)), *ARGV, "epochs=4"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim = None
     for _ in range(1200):  # kill -9 the worker that trains trial 0, while it trains
