@@ -133,12 +133,16 @@ def choose(labels: np.ndarray, *, classes: int, per_class: int) -> np.ndarray:
 def make_view(view: Path, paths: list[Path], labels: np.ndarray, class_names: list[str],
               held: np.ndarray) -> None:
     """view/train/<class>/<file> and view/val/<class>/<file> as symlinks to the originals. Class
-    folders are named NNN_<class> so imgcls's sorted order and timm's natural-key order agree."""
+    folders are named NNN_<class> so imgcls's sorted order and timm's natural-key order agree. A file
+    whose name is taken (food-11's training/0_0.jpg and validation/0_0.jpg) gets its folder's name before it."""
     held_set = set(held.tolist())
     for i, (path, label) in enumerate(zip(paths, labels)):
         folder = view / ("val" if i in held_set else "train") / f"{label:03d}_{class_names[label]}"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / path.name).symlink_to(path.resolve())
+        link = folder / path.name
+        if link.is_symlink():
+            link = folder / f"{path.parent.name}-{path.name}"
+        link.symlink_to(path.resolve())
 
 
 def read_all(view: Path) -> None:

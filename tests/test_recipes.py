@@ -193,6 +193,21 @@ def import_sweep():
     return sweep
 
 
+def test_a_sweep_on_the_first_classes_of_a_food11_folder_keeps_every_image(food11_tiny, tmp_path):
+    """--classes on the food-11 layout: training/0_0.jpg and validation/0_0.jpg share a name (the view
+    once stopped at FileExistsError); each is linked once, with its label, train and val apart."""
+    from imgcls import layouts
+
+    view = import_sweep().subset_view(food11_tiny, tmp_path, classes=2, held_out=0.25)
+    ds = layouts.read(view)
+    assert ds.counts() == {"train": 16, "val": 6}  # 2 classes x (8 + 3) labelled images, 25% held out
+    linked = sorted(str(s.path.resolve()) for split in ("train", "val") for s in ds.splits[split])
+    originals = sorted(str(p.resolve()) for folder in ("training", "validation")
+                       for p in (food11_tiny / folder).glob("[01]_*.jpg"))
+    assert linked == originals
+    assert all(s.label == int(s.path.resolve().name.split("_")[0]) for split in ("train", "val") for s in ds.splits[split])
+
+
 def test_a_sweep_records_only_runs_that_finished(food11_tiny, tmp_path, capsys):
     """A run cut short (a signal, or here time_limit=) is no result: the sweep ends there, without its row."""
     sweep = import_sweep()
