@@ -16,7 +16,7 @@ given) after every epoch, as timm's train.py does.
       `train_one_epoch` / `validate`. The workers decode and augment every image every epoch.
 
 By default both sides use the same precision and memory format: bf16 autocast where imgcls's
-amp=auto turns it on (CUDA, and CPUs with AMX/AVX512_BF16; `--amp off` for fp32) and channels_last.
+amp=auto turns it on (CUDA, and the CPUs hardware.native_bf16 names; `--amp off` for fp32) and channels_last.
 timm's train.py defaults to neither: `--timm-amp off --timm-channels-last off` runs timm's side as
 a user who runs train.py without those flags gets it, against imgcls's defaults. The imgcls command
 line also keeps freed memory in its process (`process.keep_freed_memory`, glibc's malloc settings);
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
-                   help="bf16 autocast on both sides (auto: imgcls's rule, on cuda and on CPUs with AMX/AVX512_BF16)")
+                   help="bf16 autocast on both sides (auto: imgcls's rule, on cuda and on the CPUs hardware.native_bf16 names)")
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                    help="both sides (auto: imgcls's rule, on with amp and on the CPU)")
     p.add_argument("--timm-channels-last", choices=["same", "on", "off"], default="same",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,10 +108,10 @@ def gpu_of(device: torch.device) -> Gpu | None:
 def auto_amp(gpu: Gpu | None) -> torch.dtype | None:
     """amp=auto. GPU: bf16 from Ampere (8.0, native bf16 tensor cores) on; fp16 with loss scaling on
     Volta/Turing (7.x: fp16 tensor cores, bf16 only emulated) and where pre-Volta fp16 is fast (see
-    FAST_FP16_BEFORE_VOLTA); else fp32. CPU: bf16 with bf16 matrix instructions, where a train step at
+    FAST_FP16_BEFORE_VOLTA); else fp32. CPU: bf16 where native_bf16() says it is faster (a train step at
     64 px with channels_last ran 3.1x (resnet18s), 2.2x (resnet18s width 16) and 1.5x (tinycnn) the
-    images/s of fp32 channels_last (2-core Xeon with AMX_BF16 + AVX512_BF16, benchmarks/cpu_amp.py,
-    issue 7); without them fp32 (not measured there: amp=bf16 to try)."""
+    images/s of fp32 channels_last on a 2-core Xeon with AMX_BF16, benchmarks/cpu_amp.py, issue 7);
+    elsewhere fp32 (amp=bf16 to try)."""
     if gpu is None:
         return torch.bfloat16 if native_bf16() else None
     if gpu.capability >= (8, 0):
@@ -175,9 +176,23 @@ def check_arch(gpu: Gpu) -> None:
 
 
 def native_bf16() -> bool:
-    """Whether this CPU has bf16 matrix instructions (AMX or AVX512_BF16) for oneDNN's bf16 kernels."""
+    """Whether bf16 autocast trains faster than fp32 on this CPU: with AMX, or with AVX512_BF16 on an AMD
+    CPU (Zen 4: 2.6x fp32 channels_last). AVX512_BF16 without AMX on an Intel CPU ran slower than fp32
+    channels_last (2-core Xeon whose VM hides AMX, resnet18d train step: 0.75x at 128 px, 0.76x at 64 px;
+    `imgcls train` 1.2x longer; benchmarks/cpu_amp.py, BENCHMARKS.md), so there it is fp32."""
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+    return bool(caps.get("amx_bf16") or (caps.get("avx512_bf16") and cpu_vendor() != "GenuineIntel"))
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string (GenuineIntel, AuthenticAMD), or "" where it cannot be read."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in platform.processor()), "")  # Windows says it here
 
 
 def make_generator(device: torch.device, seed: int) -> torch.Generator:

@@ -83,7 +83,7 @@ def test_device_run_on_the_cpu_ends_with_a_passing_table_and_a_submission(tiny3,
     assert table[1].startswith("data: tiny-imagenet-100 subset: the first 3 of 100 classes")
     for step in ("setup", "environment", "data", "gpu_check", "train"):
         assert re.search(rf"^{step} +PASS +\d+\.\d  \S", "\n".join(table), re.M), step
-    assert re.search(r"^gpu_check .* paths 1 ok, 0 FAIL, 10 skip; all ok", "\n".join(table), re.M)
+    assert re.search(r"^gpu_check .* paths 1 ok, 0 FAIL, \d+ skip; all ok", "\n".join(table), re.M)  # --paths amp=off
     assert re.search(r"^train .* best val_acc \d\.\d{4} at epoch \d+, \d+ of \d+ planned epochs, wall \d+s, "
                      r"submission 10 rows$", "\n".join(table), re.M)
     assert any(line.startswith("  tinycnn:8 ") for line in table)  # gpu_check's figures

@@ -60,11 +60,28 @@ def test_amp_auto_by_gpu_capability(monkeypatch, gpu, amp):
 
 def test_amp_auto_on_the_cpu_follows_its_bf16_instructions(monkeypatch):
     assert hardware.resolve(run_config("device=cpu")).amp == (torch.bfloat16 if hardware.native_bf16() else None)
-    for caps, amp in (({"amx_bf16": True}, torch.bfloat16), ({"avx512_bf16": True}, torch.bfloat16),
-                      ({"avx2": True}, None)):
+    amx, avx512_bf16 = {"amx_bf16": True, "avx512_bf16": True}, {"avx512_bf16": True}
+    for caps, vendor, amp in ((amx, "GenuineIntel", torch.bfloat16), (avx512_bf16, "AuthenticAMD", torch.bfloat16),
+                              (avx512_bf16, "GenuineIntel", None),  # slower than fp32 there: BENCHMARKS.md
+                              ({"avx2": True}, "AuthenticAMD", None), ({"avx2": True}, "GenuineIntel", None)):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps, raising=False)
+        monkeypatch.setattr(hardware, "cpu_vendor", lambda vendor=vendor: vendor)
         hw = hardware.resolve(run_config("device=cpu"))
-        assert hw.amp == amp and hw.channels_last and not hw.grad_scaler().is_enabled()
+        assert hw.amp == amp and hw.channels_last and not hw.grad_scaler().is_enabled(), (caps, vendor)
+
+
+def test_the_cpu_vendor_without_a_proc_cpuinfo_comes_from_platform(monkeypatch):
+    import builtins
+    import platform
+
+    def no_proc(path, *args, **kwargs):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    monkeypatch.setattr(platform, "processor", lambda: "Intel64 Family 6 Model 85 Stepping 7, GenuineIntel")
+    assert hardware.cpu_vendor() == "GenuineIntel"  # what Windows says
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    assert hardware.cpu_vendor() == ""
 
 
 def test_amp_given_explicitly(monkeypatch):
