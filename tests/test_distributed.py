@@ -5,7 +5,7 @@ sync_bn, which needs CUDA, each rank normalizes over its own half of the batch, 
 model on 2 ranks is a different function from the same model on one process. Augmentation is off
 (hflip=0, crop 1,1 at aspect 1,1) because each rank draws its own augmentation: with it on, the
 2-rank batch would be augmented differently from the 1-process batch. deterministic=true and
-amp=off: bf16 autocast (the default on CPUs with AMX/AVX512_BF16) rounds a 4-image and an 8-image
+amp=off: bf16 autocast (the default on CPUs with AMX, or AMD ones with AVX512_BF16) rounds a 4-image and an 8-image
 batch differently, 1e-4 apart in the loss.
 """
 from __future__ import annotations
