@@ -187,9 +187,10 @@ def native_bf16() -> bool:
 def cpu_vendor() -> str:
     """The CPU's vendor string (GenuineIntel, AuthenticAMD), or "" where it cannot be read."""
     try:
-        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in platform.processor()), "")  # Windows says it here
