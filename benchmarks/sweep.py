@@ -221,14 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     averages = Averages([float(f) for f in args.ema_shares.split(",") if f])
     work = Path(tempfile.mkdtemp(prefix="imgcls-sweep-", dir="/tmp"))
     os.environ.setdefault("IMGCLS_CACHE", str(Path(tempfile.gettempdir()) / "imgcls-sweep-cache"))
-    root = subset_view(args.data, work, classes=args.classes, held_out=args.held_out) if args.classes else args.data
     base = parse_settings(args.base)
     if args.classes:
         base.setdefault("val_fraction", "0")  # the view's val/ is the held-out split
-    print(f"{time.strftime('%Y-%m-%d %H:%M')} {args.data} ({root}), {args.epochs} epochs, seeds {seeds}, "
-          f"base {args.config or ''} {args.base}", flush=True)
     table, stopped = [], ""
-    try:
+    try:  # the view and the runs go with `work`, whatever stops the sweep
+        root = subset_view(args.data, work, classes=args.classes, held_out=args.held_out) if args.classes else args.data
+        print(f"{time.strftime('%Y-%m-%d %H:%M')} {args.data} ({root}), {args.epochs} epochs, seeds {seeds}, "
+              f"base {args.config or ''} {args.base}", flush=True)
         for name, settings in args.arm:
             runs = []
             for seed in seeds:
