@@ -122,9 +122,13 @@ def auto_amp(gpu: Gpu | None) -> torch.dtype | None:
 
 
 def precision_note(setting: str, gpu: Gpu | None) -> str | None:
-    """A line when amp= asks a GPU for a precision it runs slowly."""
-    if gpu is None or setting == "auto" or AMP_DTYPES[setting] is None or AMP_DTYPES[setting] == auto_amp(gpu):
+    """A line when amp= asks a GPU or the CPU for a precision it runs slowly."""
+    if setting == "auto" or AMP_DTYPES[setting] is None or AMP_DTYPES[setting] == auto_amp(gpu):
         return None
+    if gpu is None:  # fp16 has no fast CPU kernels (gpu_check's CPU run: 0.1x fp32); bf16: native_bf16()
+        why = ("bf16 needs AMX, or AVX512_BF16 on an AMD CPU, to beat fp32 (BENCHMARKS.md)" if setting == "bf16"
+               else "CPUs have no fast fp16 arithmetic")
+        return f"amp={setting} on this CPU: {why}; amp=auto ({'bf16' if auto_amp(gpu) else 'fp32'} here) is likely faster."
     if setting == "bf16" and gpu.capability < (8, 0):
         return (f"amp=bf16 on {gpu.describe()}: bf16 is native from compute capability 8.0, so here it is emulated "
                 f"and slow; amp=auto picks {'fp16' if auto_amp(gpu) else 'fp32'} on this GPU.")

@@ -68,6 +68,10 @@ def test_amp_auto_on_the_cpu_follows_its_bf16_instructions(monkeypatch):
         monkeypatch.setattr(hardware, "cpu_vendor", lambda vendor=vendor: vendor)
         hw = hardware.resolve(run_config("device=cpu"))
         assert hw.amp == amp and hw.channels_last and not hw.grad_scaler().is_enabled(), (caps, vendor)
+        forced = hardware.resolve(run_config("device=cpu", "amp=bf16"))
+        assert forced.amp == torch.bfloat16  # asked for: given, with a line where auto would not pick it
+        assert forced.notes == (() if amp else ("amp=bf16 on this CPU: bf16 needs AMX, or AVX512_BF16 on an AMD CPU, "
+                                                "to beat fp32 (BENCHMARKS.md); amp=auto (fp32 here) is likely faster.",))
 
 
 def test_the_cpu_vendor_without_a_proc_cpuinfo_comes_from_platform(monkeypatch):
@@ -87,6 +91,9 @@ def test_the_cpu_vendor_without_a_proc_cpuinfo_comes_from_platform(monkeypatch):
 def test_amp_given_explicitly(monkeypatch):
     hw = hardware.resolve(run_config("device=cpu", "amp=fp16"))
     assert hw.amp == torch.float16 and hw.grad_scaler().is_enabled()
+    auto = "bf16" if hardware.native_bf16() else "fp32"
+    assert hw.notes == (f"amp=fp16 on this CPU: CPUs have no fast fp16 arithmetic; amp=auto ({auto} here) is likely "
+                        "faster.",)
     assert hardware.resolve(run_config("device=cpu", "amp=off")).amp is None
     fake_gpus(monkeypatch, T4)
     hw = hardware.resolve(run_config("amp=bf16"))
