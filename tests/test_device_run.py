@@ -99,8 +99,11 @@ def test_device_run_on_the_cpu_ends_with_a_passing_table_and_a_submission(tiny3,
 
 
 def test_a_failed_step_does_not_stop_the_others_and_the_exit_status_says_so(tiny3, tmp_path):
-    proc = run(tmp_path, "--data", str(tiny3), "--skip", "gpu_check", "--", "no_such_setting=1")
+    # set-up and environment (an interpreter start each) pass in the test above; here the installed imgcls trains.
+    proc = run(tmp_path, "--data", str(tiny3), "--skip", "setup", "--skip", "environment", "--skip", "gpu_check",
+               "--", "no_such_setting=1")
     assert proc.returncode == 1, proc.stdout[-4000:]
     table = (tmp_path / "out" / "summary.txt").read_text()
+    assert re.search(r"^setup +SKIP ", table, re.M) and re.search(r"^environment +SKIP ", table, re.M)
     assert re.search(r"^gpu_check +SKIP ", table, re.M) and re.search(r"^train +FAIL\(1\) .* NO submission$", table, re.M)
     assert re.search(r"^data +PASS ", table, re.M) and table.rstrip().endswith("result: FAIL: train")
