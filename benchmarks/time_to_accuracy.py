@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
-                   help="bf16 autocast on both sides (auto: imgcls's rule, on cuda and on the CPUs hardware.native_bf16 names)")
+                   help="bf16 autocast on both sides (auto: imgcls's rule, on cuda and on the CPUs "
+                        "hardware.native_bf16 names)")
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                    help="both sides (auto: imgcls's rule, on with amp and on the CPU)")
     p.add_argument("--timm-channels-last", choices=["same", "on", "off"], default="same",

@@ -123,16 +123,20 @@ def auto_amp(gpu: Gpu | None) -> torch.dtype | None:
 
 def precision_note(setting: str, gpu: Gpu | None) -> str | None:
     """A line when amp= asks a GPU or the CPU for a precision it runs slowly."""
-    if setting == "auto" or AMP_DTYPES[setting] is None or AMP_DTYPES[setting] == auto_amp(gpu):
+    if setting == "auto" or AMP_DTYPES[setting] is None:
         return None
+    auto = auto_amp(gpu)
+    if AMP_DTYPES[setting] == auto:
+        return None
+    auto_name = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[auto]
     if gpu is None:  # fp16 has no fast CPU kernels (gpu_check's CPU run: 0.1x fp32); bf16: native_bf16()
         why = ("bf16 needs AMX, or AVX512_BF16 on an AMD CPU, to beat fp32 (BENCHMARKS.md)" if setting == "bf16"
                else "CPUs have no fast fp16 arithmetic")
-        return f"amp={setting} on this CPU: {why}; amp=auto ({'bf16' if auto_amp(gpu) else 'fp32'} here) is likely faster."
+        return f"amp={setting} on this CPU: {why}; amp=auto ({auto_name} here) is likely faster."
     if setting == "bf16" and gpu.capability < (8, 0):
         return (f"amp=bf16 on {gpu.describe()}: bf16 is native from compute capability 8.0, so here it is emulated "
-                f"and slow; amp=auto picks {'fp16' if auto_amp(gpu) else 'fp32'} on this GPU.")
-    if setting == "fp16" and auto_amp(gpu) is None:
+                f"and slow; amp=auto picks {auto_name} on this GPU.")
+    if setting == "fp16" and auto is None:
         return (f"amp=fp16 on {gpu.describe()}: this GPU runs fp16 arithmetic at a small fraction of its fp32 rate; "
                 "amp=auto (fp32 here) is likely faster.")
     return None
