@@ -121,6 +121,11 @@ def auto_amp(gpu: Gpu | None) -> torch.dtype | None:
     return None
 
 
+def amp_name(dtype: torch.dtype | None) -> str:
+    """A training precision in words: bf16, fp16, or fp32 (no autocast)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
 def precision_note(setting: str, gpu: Gpu | None) -> str | None:
     """A line when amp= asks a GPU or the CPU for a precision it runs slowly."""
     if setting == "auto" or AMP_DTYPES[setting] is None:
@@ -128,7 +133,7 @@ def precision_note(setting: str, gpu: Gpu | None) -> str | None:
     auto = auto_amp(gpu)
     if AMP_DTYPES[setting] == auto:
         return None
-    auto_name = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[auto]
+    auto_name = amp_name(auto)
     if gpu is None:  # fp16 has no fast CPU kernels (gpu_check's CPU run: 0.1x fp32); bf16: native_bf16()
         why = ("bf16 needs AMX, or AVX512_BF16 on an AMD CPU, to beat fp32 (BENCHMARKS.md)" if setting == "bf16"
                else "CPUs have no fast fp16 arithmetic")
@@ -232,8 +237,6 @@ def place_cache(images: np.ndarray, hw: Hardware, setting: str) -> torch.Tensor:
 
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's with its core count."""
-    import platform
-
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
@@ -242,5 +245,4 @@ def device_name(device: torch.device) -> str:
 def describe(hw: Hardware | str = "auto") -> str:
     """The device, precision and memory format of `hw` (or of a run with device=`hw`), in words."""
     hw = resolve(RunConfig(device=hw)) if isinstance(hw, str) else hw
-    amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(hw.amp, "fp32")
-    return f"{device_name(hw.device)}, {amp}{', channels_last' if hw.channels_last else ''}"
+    return f"{device_name(hw.device)}, {amp_name(hw.amp)}{', channels_last' if hw.channels_last else ''}"
