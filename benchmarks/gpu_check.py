@@ -83,12 +83,8 @@ def header(device: torch.device) -> list[str]:
     hw = hardware.resolve(config.RunConfig(device=device.type))
     return [f"imgcls gpu_check  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  commit {commit()}  imgcls {imgcls.__version__}",
             f"device: {where}",
-            f"torch {torch.__version__}, Python {platform.python_version()}; amp=auto -> {dtype_name(hw.amp)}, "
+            f"torch {torch.__version__}, Python {platform.python_version()}; amp=auto -> {hardware.amp_name(hw.amp)}, "
             f"channels_last=auto -> {str(hw.channels_last).lower()}"]
-
-
-def dtype_name(dtype: torch.dtype | None) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off (fp32)"}[dtype]
 
 
 def subset(root: Path, out: Path, *, classes: int = 10, per_class: int = 20, test: int = 20) -> Path:
@@ -231,7 +227,7 @@ def path_checks(bench: Bench, device: torch.device) -> list[tuple[str, object]]:
     name, _, width = bench.args.models[0].partition(":")
     small = {"model": name, "width": int(width or 0), "image_size": bench.args.sizes[0], "epochs": min(2, bench.args.epochs)}
     cuda = device.type == "cuda"
-    cap = torch.cuda.get_device_capability(device) if cuda else None
+    auto = hardware.auto_amp(hardware.gpu_of(device))
 
     def run(**overrides):
         def check():
@@ -239,13 +235,14 @@ def path_checks(bench: Bench, device: torch.device) -> list[tuple[str, object]]:
             where = f"cache on {r['cache_on']}{', pinned' if r['pinned'] else ''}"
             extra = f", skipped_steps {r['skipped']}" if r["skipped"] is not None else ""
             epochs = f"epochs 2-{r['epochs']}" if r["epochs"] > 1 else "1 epoch, with warm-up"
-            return (f"{r['train']:.0f} img/s ({epochs}), amp {dtype_name(r['hw'].amp)}, "
+            return (f"{r['train']:.0f} img/s ({epochs}), amp {hardware.amp_name(r['hw'].amp)}, "
                     f"channels_last {str(r['hw'].channels_last).lower()}, {where}, peak {r['peak']}, "
                     f"val_acc {r['val_acc']:.4f}{extra}, {r['seconds']:.0f}s")
         return check
 
-    amps = ["off", "fp16" if not cuda or cap >= (7, 0) or cap in hardware.FAST_FP16_BEFORE_VOLTA else None,
-            "bf16" if (cuda and cap >= (8, 0)) or (not cuda and hardware.native_bf16()) else None]
+    # fp32 always; fp16 (+ GradScaler) on the CPU and on a GPU that amp=auto runs in reduced precision;
+    # bf16 where amp=auto picks it
+    amps = ["off", "fp16" if not cuda or auto is not None else None, "bf16" if auto == torch.bfloat16 else None]
     checks = [("data_on_device=true", run(data_on_device="true") if cuda else "the CPU has no device memory"),
               ("data_on_device=false", run(data_on_device="false") if cuda else "the CPU has no device memory")]
     checks += [(f"amp={a}", run(amp=a)) for a in amps if a]
