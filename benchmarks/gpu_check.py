@@ -78,8 +78,7 @@ def header(device: torch.device) -> list[str]:
                  f"{torch.cuda.device_count()} GPU(s) visible; CUDA {torch.version.cuda}, cuDNN "
                  f"{torch.backends.cudnn.version()}, kernels for {' '.join(torch.cuda.get_arch_list())}")
     else:
-        where = (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "
-                 f"torch threads, capability {torch.backends.cpu.get_cpu_capability()}")
+        where = f"{hardware.device_name(device)}, capability {torch.backends.cpu.get_cpu_capability()}"
     hw = hardware.resolve(config.RunConfig(device=device.type))
     return [f"imgcls gpu_check  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}  commit {commit()}  imgcls {imgcls.__version__}",
             f"device: {where}",

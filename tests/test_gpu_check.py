@@ -26,7 +26,7 @@ def test_gpu_check_quick_on_the_cpu(tmp_path):
     assert proc.returncode == 0, out + proc.stderr
     lines = out.splitlines()
     assert re.match(r"imgcls gpu_check  \d{4}-\d\d-\d\d \d\d:\d\d:\d\d .*  commit [0-9a-f]{7,}", lines[0])
-    assert lines[1].startswith("device: CPU") and f"torch {torch.__version__}" in lines[2]
+    assert lines[1].startswith("device: cpu (") and f"torch {torch.__version__}" in lines[2]
     assert "food-11 layout, 10 classes, train 160, val 40, test 20" in out  # the digits, shrunk
     for px in (16, 32):  # one row per model and size, every figure a number
         row = re.search(rf"^tinycnn:8 +{px} +32 +({NUMBER}) +({NUMBER}) +({NUMBER})% +RSS {NUMBER} GiB .* ({NUMBER}) +\d+s$",
