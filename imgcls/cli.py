@@ -70,7 +70,8 @@ def cmd_train(args) -> int:
               f"final val_acc {result.final_val_acc:.4f}, {result.seconds:.0f}s")
     if result.stopped != "done":
         cfg = result.config
-        why = {"time_limit": f"to stay within time_limit={cfg.run.time_limit}", "interrupted": "on Ctrl-C"}
+        why = {"time_limit": f"to stay within time_limit={cfg.run.time_limit}",
+               "interrupted": "on a signal (Ctrl-C or SIGTERM)"}
         print(f"stopped {why.get(result.stopped, result.stopped)} after {result.epochs_done} of {cfg.run.epochs} "
               f"epoch(s); the state is saved in {Path(args.out) / 'state.pt'}. Resume with:\n"
               f"  {command_line('train', args.data, '--out', args.out, f'resume={args.out}')}")

@@ -159,7 +159,7 @@ def test_ctrl_c_saves_and_a_resume_elsewhere_is_bit_identical(colours, reference
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, output
-    assert "stopped on Ctrl-C after" in output and f"state is saved in {out / 'state.pt'}" in output
+    assert "stopped on a signal (Ctrl-C or SIGTERM) after" in output and f"state is saved in {out / 'state.pt'}" in output
     assert f"Resume with:\n  imgcls train {colours} --out {out} resume={out}" in output
     assert not checkpoint.load_state(out / "state.pt")["finished"]
     assert not (out / "submission.csv").exists()
