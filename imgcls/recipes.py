@@ -66,7 +66,7 @@ def model_for(image_size: int) -> str:
     """model=auto: the ResNet-D stem (3 convs, stride 4) from 64 px up - at 64 px (tiny20, 10 epochs)
     66.1% in 467 s against the stride-2 resnet18s2's 64.4% in 721 s; at 128 px (food-10, 5 epochs)
     resnet18d 50.1% in ~190 s, resnet26d 50.2% in 342 s; at 80 epochs (food-10, 128 px, medium-mix, 3 seeds)
-    resnet26d 78.2 +- 0.1% against 77.5 +- 0.7%, paired +0.7 +- 0.8 points at 1.4-1.5x the wall. Below 64 px
+    resnet26d 78.2 +- 0.1% against 77.5 +- 0.7%, paired +0.7 +- 0.8 points at 1.36-1.5x the wall. Below 64 px
     (not measured) the stride-2 stem keeps 16x16 maps at 32 px where stride 4 would leave 8x8."""
     return "resnet18s2" if image_size < 64 else "resnet18d"
 
